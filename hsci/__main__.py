@@ -1,0 +1,5 @@
+import sys
+
+from hsci.cli import main
+
+sys.exit(main())

@@ -1,0 +1,278 @@
+"""Datasets. Each `conf/data/<name>.yaml` calls one function here, which returns a `Data` bundle.
+
+Images are kept as uint8 (N, C, H, W) and normalised on the device (hsci/loaders.py); tables come
+standardised with the training split's statistics. Splits that a dataset lacks are carved with a
+fixed `split_seed`, so every run of a dataset sees the same validation and test sets.
+"""
+
+import pickle
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits
+from sklearn.model_selection import train_test_split
+from torch.utils.data import Dataset, TensorDataset
+from torchvision import datasets
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+from torchvision.datasets.utils import download_and_extract_archive
+from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from hsci import UserError
+
+
+@dataclass
+class Data:
+    """The three splits of a dataset and what a model and a loader need to know about them."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    task: str  # multiclass, binary or regression
+    input_shape: tuple[int, ...]  # (C, H, W) for images, (features,) for tables
+    num_outputs: int  # classes for multiclass, 1 for binary and regression
+    batch_size: int
+    num_workers: int | str  # "auto" = one per CPU, at most 8
+    mean: tuple[float, ...] | None = None  # per channel, of images scaled to [0, 1]; None for tables
+    std: tuple[float, ...] | None = None
+    target_mean: float = 0.0  # regression targets are standardised for training; metrics undo it
+    target_std: float = 1.0
+
+
+class Images(Dataset):
+    """uint8 images in memory, (N, C, H, W), with labels and an optional per-sample augmentation."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, augment: Callable | None = None):
+        self.x, self.y, self.augment = x, y, augment
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        x = self.x[i]
+        return (self.augment(x) if self.augment else x), self.y[i]
+
+
+class ImageFiles(Dataset):
+    """Image files read on demand, resized and centre-cropped to `size`, as uint8 (C, size, size)."""
+
+    def __init__(self, samples: list[tuple[str, int]], size: int, channels: int, augment: Callable | None = None):
+        self.samples, self.mode, self.augment = samples, "L" if channels == 1 else "RGB", augment
+        self.resize = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as img:
+                x = self.resize(pil_to_tensor(img.convert(self.mode)))
+        except OSError as e:
+            raise UserError(f"data=imagefolder: cannot read image {path} ({e}): remove or replace the file") from e
+        return (self.augment(x) if self.augment else x), label
+
+
+def digits(test_fraction: float, **common) -> Data:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images): real data that needs no network."""
+    bunch = load_digits()
+    x = torch.from_numpy(np.round(bunch.images * 255 / 16)).to(torch.uint8).unsqueeze(1)  # (N, 1, 8, 8)
+    y = torch.from_numpy(bunch.target)
+    rest, test = _split(y, test_fraction, common["split_seed"])
+    return _images(x[rest], y[rest], x[test], y[test], num_classes=10, **common)
+
+
+def mnist(root: str, download: bool, **common) -> Data:
+    """MNIST in torchvision's layout: <root>/MNIST/raw/*-ubyte."""
+    return _images(*_idx_files(datasets.MNIST, "mnist", root, download), num_classes=10, **common)
+
+
+def fashion_mnist(root: str, download: bool, **common) -> Data:
+    """Fashion-MNIST in torchvision's layout: <root>/FashionMNIST/raw/*-ubyte."""
+    return _images(*_idx_files(datasets.FashionMNIST, "fashion_mnist", root, download), num_classes=10, **common)
+
+
+def cifar10(root: str, download: bool, **common) -> Data:
+    """CIFAR-10 in torchvision's layout: <root>/cifar-10-batches-py/."""
+    return _images(*_cifar(datasets.CIFAR10, "cifar10", root, download, "labels"), num_classes=10, **common)
+
+
+def cifar100(root: str, download: bool, **common) -> Data:
+    """CIFAR-100 (fine labels) in torchvision's layout: <root>/cifar-100-python/."""
+    return _images(*_cifar(datasets.CIFAR100, "cifar100", root, download, "fine_labels"), num_classes=100, **common)
+
+
+def fake(train_size: int, test_size: int, image_shape: list[int], num_classes: int, **common) -> Data:
+    """torchvision's FakeData: random images of any (C, H, W) and class count, for smoke runs and benchmarks."""
+
+    def make(size: int, offset: int):
+        ds = datasets.FakeData(size, tuple(image_shape), num_classes, transform=v2.PILToTensor(), random_offset=offset)
+        pairs = [ds[i] for i in range(size)]
+        return torch.stack([x for x, _ in pairs]), torch.tensor([int(y) for _, y in pairs])
+
+    return _images(*make(train_size, 0), *make(test_size, train_size), num_classes=num_classes, **common)
+
+
+def imagefolder(root: str, image_size: int, channels: int, val_fraction: float, test_fraction: float,
+                split_seed: int, random_crop_padding: int, horizontal_flip: bool, batch_size: int,
+                num_workers: int | str, mean: list[float], std: list[float]) -> Data:
+    """A user's own images: <root>/{train,val,test}/<class>/*.png|jpg; val/ and test/ are optional."""
+    root_dir = Path(root).resolve()
+    train_dir = root_dir / "train"
+    if not train_dir.is_dir():
+        raise UserError(f"data=imagefolder: {train_dir} does not exist; expected {root_dir}/train/<class>/*.png|jpg "
+                        "(val/ and test/ optional): set data.root to that folder")
+    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
+    if not classes:
+        raise UserError(f"data=imagefolder: {train_dir} has no class folders; put each class's images in "
+                        f"{train_dir}/<class>/")
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    samples = {split: make_dataset(str(root_dir / split), class_to_idx, IMG_EXTENSIONS, allow_empty=True)
+               for split in ("train", "val", "test") if (root_dir / split).is_dir()}
+    if not samples["train"]:
+        raise UserError(f"data=imagefolder: no images ({', '.join(IMG_EXTENSIONS)}) under {train_dir}/<class>/")
+    train = samples["train"]
+    if "test" not in samples:
+        rest, held = _split([label for _, label in train], test_fraction, split_seed)
+        train, samples["test"] = [train[i] for i in rest], [train[i] for i in held]
+    if "val" not in samples:
+        rest, held = _split([label for _, label in train], val_fraction, split_seed)
+        train, samples["val"] = [train[i] for i in rest], [train[i] for i in held]
+    shape = (channels, image_size, image_size)
+    augment = _augment(shape, random_crop_padding, horizontal_flip)
+    return _data(ImageFiles(train, image_size, channels, augment), ImageFiles(samples["val"], image_size, channels),
+                 ImageFiles(samples["test"], image_size, channels), shape, len(classes),
+                 batch_size, num_workers, mean, std)
+
+
+def breast_cancer(**split) -> Data:
+    """scikit-learn's Wisconsin breast cancer table (569 x 30): binary classification."""
+    bunch = load_breast_cancer()
+    return _table(bunch.data, bunch.target, "binary", **split)
+
+
+def diabetes(**split) -> Data:
+    """scikit-learn's diabetes table (442 x 10): regression of disease progression."""
+    bunch = load_diabetes()
+    return _table(bunch.data, bunch.target, "regression", **split)
+
+
+def _images(x_train, y_train, x_test, y_test, *, num_classes: int, val_fraction: float, split_seed: int,
+            random_crop_padding: int, horizontal_flip: bool, batch_size: int, num_workers: int | str,
+            mean: list[float], std: list[float]) -> Data:
+    """A `Data` of in-memory uint8 images; validation is carved from the training split."""
+    keep, held = _split(y_train, val_fraction, split_seed)
+    augment = _augment(tuple(x_train.shape[1:]), random_crop_padding, horizontal_flip)
+    return _data(Images(x_train[keep], y_train[keep], augment), Images(x_train[held], y_train[held]),
+                 Images(x_test, y_test), tuple(x_train.shape[1:]), num_classes, batch_size, num_workers, mean, std)
+
+
+def _data(train, val, test, shape, num_classes, batch_size, num_workers, mean, std) -> Data:
+    return Data(train, val, test, "multiclass", shape, num_classes, batch_size, num_workers,
+                tuple(mean), tuple(std))
+
+
+def _table(x: np.ndarray, y: np.ndarray, task: str, *, batch_size: int, num_workers: int | str,
+           val_fraction: float, test_fraction: float, split_seed: int) -> Data:
+    """A `Data` of feature vectors, standardised with the training split's mean and std."""
+    stratify = task != "regression"
+    rest, test = _split(y, test_fraction, split_seed, stratify)
+    keep, held = _split(y[rest], val_fraction, split_seed, stratify)
+    train, val = rest[keep], rest[held]
+    x = (x - x[train].mean(0)) / x[train].std(0)
+    y = y.astype(np.float32)
+    target_mean, target_std = (float(y[train].mean()), float(y[train].std())) if task == "regression" else (0.0, 1.0)
+    y = (y - target_mean) / target_std
+    xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y).float().unsqueeze(1)  # (N, F), (N, 1)
+    splits = [TensorDataset(xt[i], yt[i]) for i in (train, val, test)]
+    return Data(*splits, task, (x.shape[1],), 1, batch_size, num_workers,
+                target_mean=target_mean, target_std=target_std)
+
+
+def _split(labels, fraction: float, seed: int, stratify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held out), with `fraction` of the samples held out, stratified by label."""
+    if not 0 < fraction < 1:
+        raise UserError(f"a split fraction must lie strictly between 0 and 1, got {fraction}: "
+                        "set data.val_fraction / data.test_fraction to e.g. 0.1")
+    labels = np.asarray(labels)
+    idx = np.arange(len(labels))
+    kept, held = train_test_split(idx, test_size=fraction, random_state=seed,
+                                  stratify=labels if stratify else None)
+    return np.sort(kept), np.sort(held)
+
+
+def _augment(shape: tuple[int, ...], padding: int, flip: bool) -> Callable | None:
+    """Train-time augmentation of one uint8 (C, H, W) image: random crop with padding, horizontal flip."""
+    steps = ([v2.RandomCrop(shape[-2:], padding=padding)] if padding else []) + (
+        [v2.RandomHorizontalFlip()] if flip else [])
+    return v2.Compose(steps) if steps else None
+
+
+def _idx_files(cls, name: str, root: str, download: bool):
+    """(x_train, y_train, x_test, y_test) of an MNIST-style dataset stored as idx files."""
+    folder = Path(root).resolve() / cls.__name__ / "raw"
+    files = [Path(url).stem for url, _ in cls.resources]  # the .gz archives unpack to these
+    _require(name, folder, files, download, lambda: cls(root, train=True, download=True))
+    train, test = cls(root, train=True), cls(root, train=False)
+    return train.data.unsqueeze(1), train.targets, test.data.unsqueeze(1), test.targets  # (N, 1, 28, 28)
+
+
+def _cifar(cls, name: str, root: str, download: bool, label_key: str):
+    """(x_train, y_train, x_test, y_test) of a CIFAR dataset stored as python-pickle batches."""
+    folder = Path(root).resolve() / cls.base_folder
+    files = [f for f, _ in cls.train_list + cls.test_list]
+    _require(name, folder, files, download,
+             lambda: download_and_extract_archive(cls.url, root, filename=cls.filename, md5=cls.tgz_md5))
+    return (*_cifar_batches(name, folder, cls.train_list, label_key),
+            *_cifar_batches(name, folder, cls.test_list, label_key))
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles NumPy arrays and plain containers only, so a tampered data file cannot run code."""
+
+    allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a data file")
+        return super().find_class(module.replace("numpy.core", "numpy._core"), name)
+
+
+def _cifar_batches(name: str, folder: Path, files: list, label_key: str):
+    xs, ys = [], []
+    for file, _ in files:
+        try:
+            with open(folder / file, "rb") as f:
+                batch = _ArraysOnly(f, encoding="latin1").load()
+            xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # (N, C, H, W)
+            ys.extend(batch[label_key])
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as e:
+            raise UserError(f"data={name}: {folder / file} is not a readable CIFAR batch ({e}): delete {folder} "
+                            "and download it again (data.download=true)") from e
+    return torch.from_numpy(np.concatenate(xs)), torch.tensor(ys)
+
+
+def _require(name: str, folder: Path, files: list[str], download: bool, fetch: Callable[[], object]) -> None:
+    """Fail in one line, naming the folder and the files, unless all `files` are in `folder`."""
+    missing = [f for f in files if not (folder / f).is_file()]
+    why = "data.download=false"
+    if missing and download:
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(30)  # fail in seconds, not minutes, without a network
+        try:
+            fetch()
+            why = "the download did not produce them"
+        except Exception as e:  # any failure to fetch is reported the same way below
+            why = f"download failed: {type(e).__name__}: {e}"
+        finally:
+            socket.setdefaulttimeout(previous)
+        missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise UserError(f"data={name}: missing {', '.join(missing)} in {folder} ({why}); put the files there, "
+                        "set data.root to the folder that holds them, or download with network access")

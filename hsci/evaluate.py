@@ -1,0 +1,65 @@
+"""Metrics and the evaluation pass over a validation or test split."""
+
+from contextlib import AbstractContextManager
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (BinaryAccuracy, BinaryF1Score, BinaryPrecision, BinaryRecall,
+                                         MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision,
+                                         MulticlassRecall)
+from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
+
+from hsci.data import Data
+
+
+def make_metrics(task: str, num_outputs: int) -> MetricCollection:
+    """Accuracy, precision, recall, F1 (+ top-5 past 10 classes) for classification; MSE, MAE, R^2 for regression."""
+    if task == "regression":
+        return MetricCollection({"mse": MeanSquaredError(), "mae": MeanAbsoluteError(), "r2": R2Score()})
+    if task == "binary":
+        return MetricCollection({"acc": BinaryAccuracy(validate_args=False),
+                                 "precision": BinaryPrecision(validate_args=False),
+                                 "recall": BinaryRecall(validate_args=False), "f1": BinaryF1Score(validate_args=False)})
+    k = {"num_classes": num_outputs, "validate_args": False}
+    metrics = {"acc": MulticlassAccuracy(average="micro", **k), "precision": MulticlassPrecision(average="macro", **k),
+               "recall": MulticlassRecall(average="macro", **k), "f1": MulticlassF1Score(average="macro", **k)}
+    if num_outputs > 10:
+        metrics["top5"] = MulticlassAccuracy(average="micro", top_k=5, **k)
+    return MetricCollection(metrics)
+
+
+def monitor(task: str) -> tuple[str, str]:
+    """The validation metric that picks the best checkpoint, and whether higher ("max") or lower is better."""
+    return ("val_loss", "min") if task == "regression" else ("val_acc", "max")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, data: Data, loss_fn: nn.Module, metrics: MetricCollection,
+             to_input: Callable, amp: Callable[[], AbstractContextManager], limit: int | None = None) -> dict[str, float]:
+    """Mean loss and metrics of `model` over `loader` (at most `limit` batches), read once at the end."""
+    model.eval()
+    metrics.reset()
+    device = next(model.parameters()).device
+    loss_sum, n = torch.zeros((), device=device), 0
+    for i, (x, y) in enumerate(loader):
+        if i == limit:
+            break
+        x, y = to_input(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+        with amp():
+            out = model(x)
+            loss_sum += loss_fn(out, y).float() * len(y)
+        n += len(y)
+        metrics.update(*_predictions(out.float(), y, data))
+    return {"loss": (loss_sum / n).item(), **{k: v.item() for k, v in metrics.compute().items()}}
+
+
+def _predictions(out: torch.Tensor, y: torch.Tensor, data: Data) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predictions, targets) in the form the task's metrics take."""
+    if data.task == "binary":
+        return out.sigmoid().squeeze(1), y.squeeze(1).long()
+    if data.task == "regression":  # back to the dataset's own units
+        return (out.squeeze(1) * data.target_std + data.target_mean), (y.squeeze(1) * data.target_std + data.target_mean)
+    return out, y

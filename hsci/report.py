@@ -1,0 +1,138 @@
+"""Output for people: rich on a terminal, plain lines when stdout is a pipe or a CI log.
+
+Everything shown is also written to the run's train.log through the `hsci` logger.
+"""
+
+import logging
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.tree import Tree
+
+log = logging.getLogger("hsci")
+console = Console(highlight=False)
+errors = Console(stderr=True, highlight=False)
+
+
+def say(msg: str) -> None:
+    """One line for the console and the log."""
+    log.info(msg)
+    console.print(msg, markup=False, soft_wrap=True)
+
+
+def error(msg: str) -> None:
+    """One line on stderr (the caller logs the details)."""
+    errors.print(f"error: {msg}", style="bold red" if errors.is_terminal else None, markup=False, soft_wrap=True)
+
+
+def config(cfg: dict, yaml: str) -> None:
+    """The composed config: a tree on a terminal; the YAML goes to the log (and .hydra/config.yaml)."""
+    log.info("config:\n%s", yaml)
+    if console.is_terminal:
+        console.print(_tree(Tree("[bold]config"), cfg))
+
+
+def _tree(node: Tree, cfg: dict) -> Tree:
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            _tree(node.add(f"[bold cyan]{key}"), value)
+        else:
+            node.add(f"{key}: [green]{value}")
+    return node
+
+
+@contextmanager
+def epoch_progress(epoch: int, epochs: int, steps: int, batch_size: int, log_every: int) -> Iterator:
+    """Yields `update(step, loss_sum)`, called after every step; it reads the loss (a device sync)
+    only every `log_every` steps: a live bar on a terminal, a plain line otherwise."""
+    start = time.perf_counter()
+    desc = f"epoch {epoch}/{epochs}"
+
+    def reading(step: int, loss_sum: torch.Tensor) -> str:
+        speed = (step + 1) * batch_size / (time.perf_counter() - start)
+        return f"loss {loss_sum.item() / (step + 1):.4f}  {speed:,.0f} img/s"
+
+    if not console.is_terminal:
+        def update(step: int, loss_sum: torch.Tensor) -> None:
+            if (step + 1) % log_every == 0:
+                say(f"{desc} step {step + 1}/{steps}  {reading(step, loss_sum)}")
+        yield update
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[reading]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(desc, total=steps, reading="")
+
+        def update(step: int, loss_sum: torch.Tensor) -> None:
+            fields = {"reading": reading(step, loss_sum)} if (step + 1) % log_every == 0 else {}
+            bar.update(task, completed=step + 1, **fields)
+        yield update
+
+
+def epoch_row(record: dict, first: bool) -> None:
+    """One row per epoch: aligned columns under a header on a terminal, a plain line otherwise."""
+    cells = {k: _fmt(k, v) for k, v in record.items()}
+    line = "  ".join(f"{k} {v}" for k, v in cells.items())
+    log.info(line)
+    if not console.is_terminal:
+        console.print(line, markup=False, soft_wrap=True)
+        return
+    labels = [SHORT.get(k, k) for k in cells]
+    widths = [max(len(label), 5 if label == "epoch" else 7) for label in labels]  # fixed, so rows align
+    if first:
+        console.print(" ".join(label.rjust(w) for label, w in zip(labels, widths)), style="bold", markup=False, soft_wrap=True)
+    console.print(" ".join(v.rjust(w) for v, w in zip(cells.values(), widths)), markup=False, soft_wrap=True)
+
+
+SHORT = {"train_loss": "train", "val_loss": "val_loss", "val_precision": "val_prec", "val_recall": "val_rec",
+         "epoch_s": "secs", "train_img_per_s": "img/s"}
+
+
+def final(summary: dict) -> None:
+    """The test metrics of the best checkpoint and where the run lives."""
+    test = summary.get("test", {})
+    log.info("test %s", test)
+    if console.is_terminal:
+        table = Table(title=f"test split, best checkpoint (epoch {summary.get('best_epoch')})")
+        for key in test:
+            table.add_column(key, justify="right")
+        table.add_row(*(_fmt(k, v) for k, v in test.items()))
+        console.print(table)
+    else:
+        console.print(f"test (best epoch {summary.get('best_epoch')})  "
+                      + "  ".join(f"{k} {_fmt(k, v)}" for k, v in test.items()), markup=False, soft_wrap=True)
+    say(f"run directory: {summary['run_dir']}")
+
+
+def sweep_table(rows: list[dict], where: str) -> None:
+    """All jobs of a sweep, best first (printed only: a sweep has no log of its own)."""
+    keys = list(dict.fromkeys(k for row in rows for k in row if k not in ("run_dir", "mode")))
+    if console.is_terminal:
+        table = Table(title=f"sweep: {len(rows)} jobs, best first")
+        for key in keys:
+            table.add_column(key, justify="left" if key in ("overrides", "status", "error") else "right")
+        for row in rows:
+            table.add_row(*(_fmt(k, row.get(k, "")) for k in keys))
+        console.print(table)
+    else:
+        for row in rows:
+            cells = (f"{k} {_fmt(k, row[k])}" for k in keys if row.get(k) not in (None, ""))
+            console.print("  ".join(cells), markup=False, soft_wrap=True)
+    console.print(f"sweep summary: {where}", markup=False, soft_wrap=True)
+
+
+def _fmt(key: str, value) -> str:
+    if not isinstance(value, float):
+        return str(value)
+    if key == "lr":
+        return f"{value:.2e}"
+    if key.endswith("per_s"):
+        return f"{value:,.0f}"
+    if key.endswith("_s"):
+        return f"{value:.1f}"
+    return f"{value:.4f}"
