@@ -5,6 +5,7 @@ standardised with the training split's statistics. Splits that a dataset lacks a
 fixed `split_seed`, so every run of a dataset sees the same validation and test sets.
 """
 
+import logging
 import pickle
 import socket
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from hsci import UserError
 
+log = logging.getLogger("hsci")
 
 @dataclass
 class Data:
@@ -201,8 +203,12 @@ def _split(labels, fraction: float, seed: int, stratify: bool = True) -> tuple[n
                         "set data.val_fraction / data.test_fraction to e.g. 0.1")
     labels = np.asarray(labels)
     idx = np.arange(len(labels))
-    kept, held = train_test_split(idx, test_size=fraction, random_state=seed,
-                                  stratify=labels if stratify else None)
+    try:
+        kept, held = train_test_split(idx, test_size=fraction, random_state=seed,
+                                      stratify=labels if stratify else None)
+    except ValueError:  # too few samples per class to stratify: an unstratified split, same seed
+        log.warning("split of %d samples: too few per class to stratify, splitting at random", len(labels))
+        kept, held = train_test_split(idx, test_size=fraction, random_state=seed)
     return np.sort(kept), np.sort(held)
 
 

@@ -57,6 +57,9 @@ def main(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Train and validate every epoch, keep the best checkpoint, test it; returns the results for summary.json."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UserError(f"{', '.join(missing)} must be set: add {' '.join(k + '=...' for k in missing)} to the command")
     t = cfg.trainer
     device = pick_device(t.device)
     random.seed(cfg.seed)
@@ -69,7 +72,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     data = instantiate(cfg.data)
     check_loss(loss_fn, data.task)
     model = instantiate(cfg.model, input_shape=data.input_shape, num_outputs=data.num_outputs).to(device)
-    to_input = input_fn(data.mean, data.std, device, **getattr(model, "pretrained_input", {}))
+    pretrained = getattr(model, "pretrained_input", {})  # the resize and normalisation the weights expect
+    to_input = input_fn(**{"mean": data.mean, "std": data.std, **pretrained}, device=device)
+    if pretrained:
+        report.say(f"pretrained weights: inputs resized to {pretrained['size']} px and normalised with the "
+                   "weights' mean/std")
     loader = partial(make_loader, batch_size=data.batch_size, num_workers=data.num_workers, device=device,
                      seed=cfg.seed)
     train_loader, val_loader, test_loader = (loader(data.train, train=True), loader(data.val, train=False),

@@ -1,0 +1,33 @@
+# hsci: `make run` trains the default experiment, `make test` runs the fast tests.
+# Both set up a local virtual environment (.venv) first when it is missing or out of date.
+PYTHON ?= python3
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+VENV := .venv
+BIN := $(VENV)/bin
+READY := $(VENV)/.ready
+
+.PHONY: setup run test test-all smoke clean
+
+setup: $(READY)
+
+$(READY): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(READY)
+
+run: setup  ## train the default experiment (digits, cnn) on this machine
+	$(BIN)/hsci train $(ARGS)
+
+test: setup  ## the fast tests (a few minutes on two CPU cores)
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-all: setup  ## every test, slow ones included
+	$(BIN)/python -m pytest -q
+
+smoke: setup  ## a seconds-long run through every stage
+	$(BIN)/hsci train experiment=smoke
+
+clean:  ## remove run outputs and build files (the virtual environment stays)
+	rm -rf outputs multirun dist build .pytest_cache
+	find . -name __pycache__ -not -path "./$(VENV)/*" -prune -exec rm -rf {} +

@@ -1,0 +1,177 @@
+"""The real CLI in a subprocess: help, a smoke run and its run directory, sweeps, config errors."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import torch
+
+from conftest import hsci, run_dirs, summary_of, write_cifar
+
+
+def test_help_lists_verbs_and_groups_without_importing_torch():
+    code = "import sys; from hsci.cli import main; main(['--help']); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False")
+    assert "train" in out
+    for group, option in [("data", "digits"), ("data", "imagefolder"), ("model", "resnet50"), ("loss", "bce"),
+                          ("optimizer", "adamw"), ("scheduler", "onecycle"), ("experiment", "smoke")]:
+        line = next(line for line in out.splitlines() if line.strip().startswith(group + " "))
+        assert option in line
+
+
+def test_unknown_command_fails_in_one_line(tmp_path):
+    result = hsci("trian", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unknown command 'trian'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_smoke_run_writes_a_complete_run_directory(tmp_path):
+    result = hsci("train", "experiment=smoke", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    [run] = run_dirs(tmp_path)
+    assert run.name.endswith("_digits_cnn")
+    for path in [".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "metrics.jsonl",
+                 "checkpoints/best.pt", "checkpoints/last.pt", "summary.json"]:
+        assert (run / path).is_file(), path
+    summary = summary_of(run)
+    assert summary["status"] == "completed"
+    assert summary["seed"] == 0 and summary["device"] == "cpu"
+    assert summary["overrides"] == ["experiment=smoke"]
+    assert set(summary["test"]) == {"loss", "acc", "precision", "recall", "f1"}
+    assert 0 <= summary["test"]["acc"] <= 1
+    assert summary["best_epoch"] in (1, 2) and "val_acc" in summary["best_val"]
+    assert {"torch", "hydra-core", "python"} <= set(summary["versions"])
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert {"train_loss", "val_loss", "val_acc", "lr", "epoch_s", "train_img_per_s"} <= set(epochs[0])
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "epoch", "config"} <= set(last)
+    assert last["epoch"] == 2 and last["config"]["data"]["_target_"] == "hsci.data.digits"
+    # Plain output for a pipe: no escape codes, one row per epoch, the test metrics and the run directory.
+    assert "\x1b[" not in result.stdout
+    assert "epoch 2  train_loss" in result.stdout and f"run directory: {run}" in result.stdout
+
+
+def test_typo_and_wrong_type_fail_before_any_work(tmp_path):
+    for override, message in [("optimizer.lrr=0.1", "Key 'lrr' is not in struct"),
+                              ("trainer.epochs=abc", "could not be converted to Integer"),
+                              ("data=cifar11", "Could not find 'data/cifar11'")]:
+        result = hsci("train", override, cwd=tmp_path)
+        assert result.returncode != 0
+        assert message in result.stderr + result.stdout
+        assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_cfg_job_prints_the_composed_config_without_running(tmp_path):
+    result = hsci("train", "--cfg", "job", "model=resnet50", "data=cifar10", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "arch: resnet50" in result.stdout and "hsci.data.cifar10" in result.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_tables_train_with_the_loss_and_metrics_of_their_task(tmp_path):
+    for data, loss, metrics in [("breast_cancer", "BCEWithLogitsLoss", {"acc", "precision", "recall", "f1"}),
+                                ("diabetes", "MSELoss", {"mse", "mae", "r2"})]:
+        result = hsci("train", f"data={data}", "model=mlp", "trainer.epochs=3", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        summary = summary_of(run_dirs(tmp_path)[-1])
+        assert set(summary["test"]) == metrics | {"loss"}
+        config = (run_dirs(tmp_path)[-1] / ".hydra" / "config.yaml").read_text()
+        assert f"torch.nn.{loss}" in config
+    assert summary["monitor"] == "val_loss" and summary["mode"] == "min"  # regression keeps the lowest loss
+
+
+def test_a_loss_that_does_not_fit_the_task_is_a_clear_error(tmp_path):
+    result = hsci("train", "data=breast_cancer", "model=mlp", "loss=cross_entropy", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("error: loss CrossEntropyLoss is for multiclass tasks, but this dataset is a "
+                                     "binary task: use loss=bce")
+    assert summary_of(run_dirs(tmp_path)[-1])["status"] == "failed"
+
+
+def test_missing_dataset_without_network_fails_in_one_line(tmp_path):
+    result = hsci("train", "model=resnet50", "data=cifar10", cwd=tmp_path, timeout=60)
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert str(tmp_path / "data" / "cifar-10-batches-py") in line
+    assert "data_batch_1" in line and "test_batch" in line
+    summary = summary_of(run_dirs(tmp_path)[-1])
+    assert summary["status"] == "failed" and "cifar-10-batches-py" in summary["error"]
+
+
+def test_cifar10_in_torchvision_format_trains_resnet50(tmp_path):
+    write_cifar(tmp_path / "cifar")
+    result = hsci("train", "model=resnet50", "data=cifar10", "data.root=cifar", "data.download=false",
+                  "experiment=smoke", "data.num_workers=0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = summary_of(run_dirs(tmp_path)[-1])
+    assert summary["status"] == "completed" and run_dirs(tmp_path)[-1].name.endswith("_cifar10_resnet50")
+
+
+def test_sweep_runs_every_job_and_summarises_them_best_first(tmp_path):
+    # breast_cancer with cross-entropy fails (wrong loss for a binary task); the other jobs still run.
+    result = hsci("train", "-m", "experiment=smoke", "model=mlp", "loss=cross_entropy",
+                  "data=digits,breast_cancer", "optimizer.lr=0.01,0.001", cwd=tmp_path)
+    assert result.returncode == 1
+    [sweep] = (tmp_path / "outputs" / "multirun").glob("*/*")
+    jobs = json.loads((sweep / "sweep_summary.json").read_text())["jobs"]
+    assert len(jobs) == 4
+    statuses = [job["status"] for job in jobs]
+    assert statuses == ["completed", "completed", "failed", "failed"]
+    assert jobs[0]["best_val_acc"] >= jobs[1]["best_val_acc"]
+    assert all("data=digits" in job["overrides"] for job in jobs[:2])
+    assert "use loss=bce" in jobs[2]["error"]
+    with open(sweep / "sweep_summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["status"] for row in rows] == statuses
+    assert "2 of 4 jobs did not complete" in result.stderr
+
+
+def test_your_own_config_folder_adds_options(tmp_path):
+    (tmp_path / "my_conf" / "data").mkdir(parents=True)
+    (tmp_path / "my_conf" / "data" / "small_digits.yaml").write_text(
+        "# digits with a larger validation split\ndefaults:\n  - digits\n  - _self_\nval_fraction: 0.3\n")
+    result = hsci("train", "--config-dir", "my_conf", "data=small_digits", "experiment=smoke", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    [run] = run_dirs(tmp_path)
+    assert run.name.endswith("_small_digits_cnn")
+    assert "val_fraction: 0.3" in (run / ".hydra" / "config.yaml").read_text()
+
+
+def test_early_stop_precision_and_grad_clip(tmp_path):
+    # lr=0 never improves on epoch 1, so patience 2 stops after epoch 3; bf16 autocast and clipping run on the CPU.
+    result = hsci("train", "experiment=smoke", "trainer.epochs=10", "optimizer.lr=0", "trainer.early_stop_patience=2",
+                  "trainer.precision=bf16", "trainer.grad_clip=1.0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    [run] = run_dirs(tmp_path)
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    summary = summary_of(run)
+    assert summary["epochs_run"] == 3 and summary["best_epoch"] == 1
+    assert "early stop: no better val_acc for 2 epochs" in result.stdout
+
+
+def test_fp16_runs_with_a_grad_scaler(tmp_path):
+    result = hsci("train", "experiment=smoke", "trainer.precision=fp16", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    scaler = torch.load(run_dirs(tmp_path)[0] / "checkpoints" / "last.pt", weights_only=True)["scaler"]
+    assert scaler["scale"] > 0  # an enabled scaler saves its state; a disabled one saves nothing
+
+
+def test_pretrained_resnet_uses_the_weights_resize_and_normalisation(tmp_path):
+    # Weights already in torch's hub cache are used without a download (here: a stand-in of the right shapes).
+    from torchvision.models import ResNet18_Weights, resnet18
+
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(resnet18().state_dict(), cache / ResNet18_Weights.DEFAULT.url.rsplit("/", 1)[-1])
+    env_home = {"TORCH_HOME": str(tmp_path / "torch_home")}
+    result = hsci("train", "model=resnet18", "model.pretrained=true", "experiment=smoke", "trainer.limit_batches=1",
+                  "trainer.epochs=1", "data.batch_size=4", cwd=tmp_path, env=env_home)
+    assert result.returncode == 0, result.stderr
+    assert "resized to 224 px" in result.stdout and "normalised with the weights' mean/std" in result.stdout
+    missing = hsci("train", "model=resnet18", "model.pretrained=true", "experiment=smoke", cwd=tmp_path,
+                   env={"TORCH_HOME": str(tmp_path / "empty")})
+    assert missing.returncode == 1 and "could not get the resnet18 ImageNet weights" in missing.stderr

@@ -1,0 +1,157 @@
+"""Loading datasets from small files written in their real on-disk formats; splits; augmentation; input step."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import write_cifar, write_idx, write_imagefolder
+from hsci.loaders import input_fn
+from hsci.train import user_error
+
+
+def load(cfg_of, option, *overrides):
+    return instantiate(cfg_of(f"data={option}", *overrides).data)
+
+
+def load_error(cfg_of, option, *overrides) -> str:
+    """The one-line UserError message that loading fails with (Hydra's instantiate wraps it)."""
+    with pytest.raises(Exception) as err:
+        load(cfg_of, option, *overrides)
+    cause = user_error(err.value)
+    assert cause is not None, err.value
+    return str(cause)
+
+
+def test_mnist_from_idx_files(cfg_of, tmp_path):
+    write_idx(tmp_path, "MNIST", n_train=120, n_test=40)
+    data = load(cfg_of, "mnist", f"data.root={tmp_path}", "data.download=false")
+    assert (len(data.train), len(data.val), len(data.test)) == (108, 12, 40)  # val_fraction 0.1 of 120
+    x, y = data.test[3]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.uint8 and int(y) == 3
+    raw = (tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte").read_bytes()
+    assert torch.equal(x[0], torch.frombuffer(bytearray(raw[16 + 3 * 784:16 + 4 * 784]), dtype=torch.uint8).view(28, 28))
+
+
+def test_fashion_mnist_from_its_own_folder(cfg_of, tmp_path):
+    write_idx(tmp_path, "FashionMNIST")
+    data = load(cfg_of, "fashion_mnist", f"data.root={tmp_path}", "data.download=false")
+    assert data.input_shape == (1, 28, 28) and data.num_outputs == 10
+
+
+def test_cifar10_from_pickle_batches(cfg_of, tmp_path):
+    write_cifar(tmp_path, per_batch=40)
+    data = load(cfg_of, "cifar10", f"data.root={tmp_path}", "data.download=false")
+    assert (len(data.train), len(data.val), len(data.test)) == (180, 20, 40)
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "rb") as f:
+        batch = pickle.load(f)
+    x, y = data.test[5]
+    assert torch.equal(x, torch.from_numpy(batch["data"][5].reshape(3, 32, 32))) and int(y) == batch["labels"][5]
+    assert data.input_shape == (3, 32, 32) and data.num_outputs == 10
+
+
+def test_cifar100_uses_fine_labels(cfg_of, tmp_path):
+    write_cifar(tmp_path, hundred=True, per_batch=40)
+    data = load(cfg_of, "cifar100", f"data.root={tmp_path}", "data.download=false")
+    assert data.num_outputs == 100 and len(data.test) == 40
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused(cfg_of, tmp_path):
+    write_cifar(tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_2", "wb") as f:
+        pickle.dump({"data": np.zeros((1, 3072), np.uint8), "labels": [0], "x": Payload()}, f)
+    message = load_error(cfg_of, "cifar10", f"data.root={tmp_path}", "data.download=false")
+    assert "data_batch_2 is not a readable CIFAR batch" in message and "open is not allowed in a data file" in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("option, files", [("mnist", "train-images-idx3-ubyte"), ("cifar10", "data_batch_1")])
+def test_missing_files_name_the_folder_and_files(cfg_of, tmp_path, option, files):
+    message = load_error(cfg_of, option, f"data.root={tmp_path}", "data.download=false")
+    assert str(tmp_path) in message and files in message and "data.download=false" in message
+    assert "\n" not in message
+
+
+def test_imagefolder_with_all_three_splits(cfg_of, tmp_path):
+    write_imagefolder(tmp_path, splits=("train", "val", "test"), per_class=4)
+    data = load(cfg_of, "imagefolder", f"data.root={tmp_path}", "data.image_size=24", "data.num_workers=0")
+    assert (len(data.train), len(data.val), len(data.test)) == (12, 12, 12)
+    assert data.input_shape == (3, 24, 24) and data.num_outputs == 3
+    for split in (data.train, data.val, data.test):
+        x, y = split[0]
+        assert x.shape == (3, 24, 24) and x.dtype == torch.uint8 and y in (0, 1, 2)
+
+
+def test_imagefolder_carves_missing_val_and_test_and_grayscale(cfg_of, tmp_path):
+    write_imagefolder(tmp_path, splits=("train",), per_class=20)
+    data = load(cfg_of, "imagefolder", f"data.root={tmp_path}", "data.channels=1", "data.mean=[0.5]",
+                "data.std=[0.25]")
+    assert (len(data.train), len(data.val), len(data.test)) == (48, 6, 6)
+    assert data.train[0][0].shape == (1, 64, 64)
+    assert sorted(int(data.test[i][1]) for i in range(6)) == [0, 0, 1, 1, 2, 2]  # stratified
+
+
+@pytest.mark.parametrize("layout, message", [(None, "does not exist"), ("empty", "has no class folders"),
+                                             ("no_images", "no images")])
+def test_imagefolder_errors(cfg_of, tmp_path, layout, message):
+    if layout == "empty":
+        (tmp_path / "train").mkdir()
+    if layout == "no_images":
+        (tmp_path / "train" / "cat").mkdir(parents=True)
+        (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    assert message in load_error(cfg_of, "imagefolder", f"data.root={tmp_path}")
+
+
+def test_splits_are_fixed_by_split_seed_not_by_the_run_seed(cfg_of):
+    a = load(cfg_of, "digits", "seed=1")
+    b = load(cfg_of, "digits", "seed=2")
+    c = load(cfg_of, "digits", "data.split_seed=7")
+    assert torch.equal(a.test.y, b.test.y) and torch.equal(a.val.x, b.val.x)
+    assert not torch.equal(a.val.x, c.val.x)
+    counts = torch.bincount(a.val.y, minlength=10)
+    assert counts.min() >= 19 and counts.max() <= 23  # stratified: 216 images, about 21.6 per class
+
+
+def test_cifar_augmentation_crops_and_flips_training_images_only(cfg_of, tmp_path):
+    write_cifar(tmp_path)
+    data = load(cfg_of, "cifar10", f"data.root={tmp_path}", "data.download=false")
+    torch.manual_seed(0)
+    x = data.train.x[0]
+    views = [data.train[0][0] for _ in range(20)]
+    assert all(v.shape == (3, 32, 32) and v.dtype == torch.uint8 for v in views)
+    assert any(not torch.equal(v, x) for v in views)
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    crops = [p[:, i:i + 32, j:j + 32] for p in (padded, padded.flip(-1)) for i in range(9) for j in range(9)]
+    assert all(any(torch.equal(v, c) for c in crops) for v in views)  # each view: a padded crop, maybe flipped
+    assert torch.equal(data.val[0][0], data.val.x[0]) and torch.equal(data.test[0][0], data.test.x[0])
+
+
+def test_digits_and_mnist_are_not_augmented_by_default(cfg_of):
+    data = load(cfg_of, "digits")
+    assert data.train.augment is None
+
+
+def test_tables_are_standardised_with_training_statistics(cfg_of):
+    data = load(cfg_of, "diabetes")
+    x = data.train.tensors[0]
+    assert torch.allclose(x.mean(0), torch.zeros(10), atol=1e-5) and torch.allclose(x.std(0, unbiased=False),
+                                                                                  torch.ones(10), atol=1e-4)
+    assert data.task == "regression" and data.target_std > 1  # targets in the dataset's units: tens to hundreds
+
+
+def test_input_fn_normalises_uint8_on_the_device_and_adapts_to_pretrained_weights():
+    x = torch.full((2, 1, 8, 8), 255, dtype=torch.uint8)
+    out = input_fn((0.5,), (0.25,), torch.device("cpu"))(x)
+    assert out.dtype == torch.float32 and torch.allclose(out, torch.full_like(out, 2.0))
+    rgb = input_fn((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), torch.device("cpu"), size=16, channels=3)(x)
+    assert rgb.shape == (2, 3, 16, 16) and torch.allclose(rgb, torch.ones_like(rgb))
+    table = torch.randn(4, 3)
+    assert input_fn(None, None, torch.device("cpu"))(table) is table

@@ -1,0 +1,28 @@
+"""The training step learns: loss falls when the real model, loss and optimizer overfit one fixed batch."""
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from hsci.loaders import input_fn
+from hsci.train import train_epoch
+
+
+@pytest.mark.parametrize("data, model", [("digits", "cnn"), ("digits", "resnet18"), ("breast_cancer", "mlp"),
+                                         ("diabetes", "mlp")])
+def test_loss_falls_when_overfitting_one_batch(cfg_of, data, model):
+    torch.manual_seed(0)
+    cfg = cfg_of(f"data={data}", f"model={model}", "scheduler=none")
+    bundle = instantiate(cfg.data)
+    x, y = next(iter(torch.utils.data.DataLoader(bundle.train, batch_size=32)))
+    net = instantiate(cfg.model, input_shape=bundle.input_shape, num_outputs=bundle.num_outputs)
+    opt = instantiate(cfg.optimizer, params=net.parameters())
+    sched = instantiate(cfg.scheduler, opt=opt, epochs=1, steps_per_epoch=60)
+    loss_fn = instantiate(cfg.loss)
+    to_input = input_fn(bundle.mean, bundle.std, torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    losses = [train_epoch(net, [(x, y)] * 20, opt, sched, scaler, loss_fn, to_input, nullcontext, None, 20,
+                          lambda step, loss: None)[0] for _ in range(3)]
+    assert losses[2] < 0.25 * losses[0], losses
