@@ -7,6 +7,7 @@ fixed `split_seed`, so every run of a dataset sees the same validation and test 
 
 import logging
 import pickle
+import random
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +15,11 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 from torchvision.datasets.utils import download_and_extract_archive
@@ -46,38 +48,55 @@ class Data:
     target_std: float = 1.0
 
 
-class Images(Dataset):
-    """uint8 images in memory, (N, C, H, W), with labels and an optional per-sample augmentation."""
+Augment = Callable[[torch.Tensor, random.Random], torch.Tensor]
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, augment: Callable | None = None):
+
+class Tensors(Dataset):
+    """Samples in memory, uint8 images (N, C, H, W) or float rows (N, F), with labels and an optional
+    per-sample augmentation.
+
+    A key is an index, or (index, seed) from hsci's training sampler: the seed alone decides the
+    sample's augmentation, whichever worker process loads it.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, augment: Augment | None = None):
         self.x, self.y, self.augment = x, y, augment
 
     def __len__(self) -> int:
         return len(self.x)
 
-    def __getitem__(self, i: int):
-        x = self.x[i]
-        return (self.augment(x) if self.augment else x), self.y[i]
+    def __getitem__(self, key: int | tuple[int, int]):
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        return _augmented(self.x[i], self.augment, seed), self.y[i]
 
 
 class ImageFiles(Dataset):
-    """Image files read on demand, resized and centre-cropped to `size`, as uint8 (C, size, size)."""
+    """Image files read on demand, resized and centre-cropped to `size`, as uint8 (C, size, size); keys as `Tensors`."""
 
-    def __init__(self, samples: list[tuple[str, int]], size: int, channels: int, augment: Callable | None = None):
+    def __init__(self, samples: list[tuple[str, int]], size: int, channels: int, augment: Augment | None = None):
         self.samples, self.mode, self.augment = samples, "L" if channels == 1 else "RGB", augment
         self.resize = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        i, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[i]
         try:
             with Image.open(path) as img:
                 x = self.resize(pil_to_tensor(img.convert(self.mode)))
-        except OSError as e:
+        except OSError as e:  # corrupt or truncated: stop, naming the file, rather than train on a silent gap
             raise UserError(f"data=imagefolder: cannot read image {path} ({e}): remove or replace the file") from e
-        return (self.augment(x) if self.augment else x), label
+        return _augmented(x, self.augment, seed), label
+
+
+def _augmented(x: torch.Tensor, augment: Augment | None, seed: int | None) -> torch.Tensor:
+    if augment is None:
+        return x
+    if seed is None:  # indexed directly, outside hsci's sampler: draw from torch's generator
+        seed = int(torch.randint(2**62, ()))
+    return augment(x, random.Random(seed))
 
 
 def digits(test_fraction: float, **common) -> Data:
@@ -170,8 +189,8 @@ def _images(x_train, y_train, x_test, y_test, *, num_classes: int, val_fraction:
     """A `Data` of in-memory uint8 images; validation is carved from the training split."""
     keep, held = _split(y_train, val_fraction, split_seed)
     augment = _augment(tuple(x_train.shape[1:]), random_crop_padding, horizontal_flip)
-    return _data(Images(x_train[keep], y_train[keep], augment), Images(x_train[held], y_train[held]),
-                 Images(x_test, y_test), tuple(x_train.shape[1:]), num_classes, batch_size, num_workers, mean, std)
+    return _data(Tensors(x_train[keep], y_train[keep], augment), Tensors(x_train[held], y_train[held]),
+                 Tensors(x_test, y_test), tuple(x_train.shape[1:]), num_classes, batch_size, num_workers, mean, std)
 
 
 def _data(train, val, test, shape, num_classes, batch_size, num_workers, mean, std) -> Data:
@@ -191,7 +210,7 @@ def _table(x: np.ndarray, y: np.ndarray, task: str, *, batch_size: int, num_work
     target_mean, target_std = (float(y[train].mean()), float(y[train].std())) if task == "regression" else (0.0, 1.0)
     y = (y - target_mean) / target_std
     xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y).float().unsqueeze(1)  # (N, F), (N, 1)
-    splits = [TensorDataset(xt[i], yt[i]) for i in (train, val, test)]
+    splits = [Tensors(xt[i], yt[i]) for i in (train, val, test)]
     return Data(*splits, task, (x.shape[1],), 1, batch_size, num_workers,
                 target_mean=target_mean, target_std=target_std)
 
@@ -212,11 +231,25 @@ def _split(labels, fraction: float, seed: int, stratify: bool = True) -> tuple[n
     return np.sort(kept), np.sort(held)
 
 
-def _augment(shape: tuple[int, ...], padding: int, flip: bool) -> Callable | None:
-    """Train-time augmentation of one uint8 (C, H, W) image: random crop with padding, horizontal flip."""
-    steps = ([v2.RandomCrop(shape[-2:], padding=padding)] if padding else []) + (
-        [v2.RandomHorizontalFlip()] if flip else [])
-    return v2.Compose(steps) if steps else None
+def _augment(shape: tuple[int, ...], padding: int, flip: bool) -> Augment | None:
+    """Train-time augmentation of one uint8 (C, H, W) image: random crop with zero padding, horizontal flip.
+
+    All randomness comes from the `rng` passed in, so a sample's augmentation is fixed by its seed.
+    """
+    if not padding and not flip:
+        return None
+    h, w = shape[-2:]
+
+    def augment(x: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        if padding:
+            x = F.pad(x, (padding, padding, padding, padding))
+            i, j = rng.randrange(2 * padding + 1), rng.randrange(2 * padding + 1)
+            x = x[:, i:i + h, j:j + w]
+        if flip and rng.random() < 0.5:
+            x = x.flip(-1)
+        return x
+
+    return augment
 
 
 def _idx_files(cls, name: str, root: str, download: bool):

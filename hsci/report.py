@@ -47,29 +47,29 @@ def _tree(node: Tree, cfg: dict) -> Tree:
 
 
 @contextmanager
-def epoch_progress(epoch: int, epochs: int, steps: int, batch_size: int, log_every: int) -> Iterator:
-    """Yields `update(step, loss_sum)`, called after every step; it reads the loss (a device sync)
-    only every `log_every` steps: a live bar on a terminal, a plain line otherwise."""
+def epoch_progress(epoch: int, epochs: int, steps: range, batch_size: int, log_every: int) -> Iterator:
+    """Yields `update(step, loss_sum)`, called after each of `steps`; `loss_sum` is given (and read: a device
+    sync) only at readings. A live bar on a terminal; otherwise a plain line every `log_every` steps."""
     start = time.perf_counter()
     desc = f"epoch {epoch}/{epochs}"
 
     def reading(step: int, loss_sum: torch.Tensor) -> str:
-        speed = (step + 1) * batch_size / (time.perf_counter() - start)
+        speed = (step + 1 - steps.start) * batch_size / (time.perf_counter() - start)
         return f"loss {loss_sum.item() / (step + 1):.4f}  {speed:,.0f} img/s"
 
     if not console.is_terminal:
-        def update(step: int, loss_sum: torch.Tensor) -> None:
-            if (step + 1) % log_every == 0:
-                say(f"{desc} step {step + 1}/{steps}  {reading(step, loss_sum)}")
+        def update(step: int, loss_sum: torch.Tensor | None) -> None:
+            if loss_sum is not None and (step + 1) % log_every == 0:
+                say(f"{desc} step {step + 1}/{steps.stop}  {reading(step, loss_sum)}")
         yield update
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[reading]}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task(desc, total=steps, reading="")
+        task = bar.add_task(desc, total=steps.stop, completed=steps.start, reading="")
 
-        def update(step: int, loss_sum: torch.Tensor) -> None:
-            fields = {"reading": reading(step, loss_sum)} if (step + 1) % log_every == 0 else {}
+        def update(step: int, loss_sum: torch.Tensor | None) -> None:
+            fields = {"reading": reading(step, loss_sum)} if loss_sum is not None else {}
             bar.update(task, completed=step + 1, **fields)
         yield update
 
@@ -95,18 +95,21 @@ SHORT = {"train_loss": "train", "val_loss": "val_loss", "val_precision": "val_pr
 
 def final(summary: dict) -> None:
     """The test metrics of the best checkpoint and where the run lives."""
-    test = summary.get("test", {})
-    log.info("test %s", test)
+    metrics_table(f"test split, best checkpoint (epoch {summary.get('best_epoch')})", summary.get("test", {}))
+    say(f"run directory: {summary['run_dir']}")
+
+
+def metrics_table(title: str, metrics: dict) -> None:
+    log.info("%s: %s", title, metrics)
     if console.is_terminal:
-        table = Table(title=f"test split, best checkpoint (epoch {summary.get('best_epoch')})")
-        for key in test:
+        table = Table(title=title)
+        for key in metrics:
             table.add_column(key, justify="right")
-        table.add_row(*(_fmt(k, v) for k, v in test.items()))
+        table.add_row(*(_fmt(k, v) for k, v in metrics.items()))
         console.print(table)
     else:
-        console.print(f"test (best epoch {summary.get('best_epoch')})  "
-                      + "  ".join(f"{k} {_fmt(k, v)}" for k, v in test.items()), markup=False, soft_wrap=True)
-    say(f"run directory: {summary['run_dir']}")
+        console.print(f"{title}  " + "  ".join(f"{k} {_fmt(k, v)}" for k, v in metrics.items()), markup=False,
+                      soft_wrap=True)
 
 
 def sweep_table(rows: list[dict], where: str) -> None:

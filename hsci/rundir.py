@@ -3,12 +3,22 @@
 import json
 import os
 import platform
+import random
 import subprocess
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
+import numpy as np
 import torch
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import nn
+
+from hsci import UserError, schema
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
@@ -30,10 +40,99 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def load_config(run_dir: Path, changes: list[str], allowed: tuple[str, ...], verb: str) -> DictConfig:
+    """A run's saved config (.hydra/config.yaml) with `changes` (key=value) applied to keys starting with `allowed`."""
+    try:
+        saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+        cfg = OmegaConf.merge(OmegaConf.structured(schema.Config), saved)
+    except (OSError, OmegaConfBaseException, yaml.YAMLError) as e:
+        raise UserError(f"{verb}: cannot read the config of {run_dir} ({str(e).splitlines()[0]})") from e
+    OmegaConf.set_struct(cfg, True)
+    try:
+        for change in OverridesParser.create().parse_overrides(list(changes)):
+            if not change.key_or_group.startswith(allowed) or change.is_sweep_override():
+                raise UserError(f"{verb}: {change.input_line} would change the experiment; {verb} may change only "
+                                f"{', '.join(a + ('*' if a.endswith('.') else '') for a in allowed)}")
+            OmegaConf.update(cfg, change.key_or_group, change.value(), merge=False)
+    except (OmegaConfBaseException, ValueError) as e:
+        raise UserError(f"{verb}: {' '.join(changes)}: {str(e).splitlines()[0]}") from e
+    return cfg
+
+
+def keep_epochs(path: Path, last: int) -> None:
+    """Keep the records of epochs 1..`last` in a metrics.jsonl, once each (a resumed run redoes the rest)."""
+    if not path.exists():
+        return
+    records = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if record.get("epoch", last + 1) <= last:
+            records[record["epoch"]] = line
+    write_atomic(path, lambda f: f.write("".join(records[e] + "\n" for e in sorted(records)).encode()))
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Save tensors and plain Python values only, so the file loads with `torch.load(weights_only=True)`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint's contents, loaded as tensors and plain values only: a file that holds code is refused."""
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist: pass an existing .pt file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on foreign pickle protocols; the error below says enough
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # whatever the reason, the file is not a checkpoint hsci can use
+        code = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
+        if code:  # the file names a Python object to build: running it is what weights_only prevents
+            raise UserError(f"refusing {path}: it holds more than tensors and plain values, and loading it could run "
+                            f"code ({code[:100]}); use a checkpoint written by hsci") from e
+        raise UserError(f"{path} is not a readable checkpoint (hsci loads only tensors and plain values; it may be "
+                        "truncated or another kind of file): use checkpoints/best.pt or last.pt of a run") from e
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds a {type(state).__name__}, not a checkpoint dict: use a checkpoint written by hsci")
+    return state
+
+
+def load_weights(model: nn.Module, weights: dict, source: Path) -> None:
+    """Load a state dict into `model`, naming the first layer that does not fit."""
+    own = model.state_dict()
+    for name, tensor in weights.items():
+        if name not in own:
+            raise UserError(f"{source} does not fit this model: it has a layer {name} that the model lacks; "
+                            "build the model the checkpoint was trained with (model=..., data=...)")
+        if own[name].shape != tensor.shape:
+            raise UserError(f"{source} does not fit this model: layer {name} is {tuple(tensor.shape)} in the "
+                            f"checkpoint but {tuple(own[name].shape)} in the model; build the model the checkpoint "
+                            "was trained with (model=..., data=...)")
+    missing = [name for name in own if name not in weights]
+    if missing:
+        raise UserError(f"{source} does not fit this model: it lacks layer {missing[0]}"
+                        f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}")
+    model.load_state_dict(weights)
+
+
+def rng_state() -> dict:
+    """Every random number generator a run draws from, as tensors and plain values."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def versions() -> dict[str, str]:

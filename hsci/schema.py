@@ -29,6 +29,7 @@ class Trainer:
 class Config:
     seed: int = MISSING
     name: str = MISSING
+    resume: Optional[str] = None  # a run directory to continue (set by `hsci train resume=...`)
     trainer: Trainer = MISSING
     # The groups below have one schema per option, so they are typed by their own YAML.
     data: Any = MISSING

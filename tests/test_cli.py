@@ -142,8 +142,9 @@ def test_your_own_config_folder_adds_options(tmp_path):
 
 
 def test_early_stop_precision_and_grad_clip(tmp_path):
-    # lr=0 never improves on epoch 1, so patience 2 stops after epoch 3; bf16 autocast and clipping run on the CPU.
-    result = hsci("train", "experiment=smoke", "trainer.epochs=10", "optimizer.lr=0", "trainer.early_stop_patience=2",
+    # lr=1e-30 leaves the weights as they are, so nothing beats epoch 1 and patience 2 stops after epoch 3;
+    # bf16 autocast and clipping run on the CPU.
+    result = hsci("train", "experiment=smoke", "trainer.epochs=10", "optimizer.lr=1e-30", "trainer.early_stop_patience=2",
                   "trainer.precision=bf16", "trainer.grad_clip=1.0", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     [run] = run_dirs(tmp_path)

@@ -141,7 +141,7 @@ def test_digits_and_mnist_are_not_augmented_by_default(cfg_of):
 
 def test_tables_are_standardised_with_training_statistics(cfg_of):
     data = load(cfg_of, "diabetes")
-    x = data.train.tensors[0]
+    x = data.train.x
     assert torch.allclose(x.mean(0), torch.zeros(10), atol=1e-5) and torch.allclose(x.std(0, unbiased=False),
                                                                                   torch.ones(10), atol=1e-4)
     assert data.task == "regression" and data.target_std > 1  # targets in the dataset's units: tens to hundreds

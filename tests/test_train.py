@@ -23,6 +23,10 @@ def test_loss_falls_when_overfitting_one_batch(cfg_of, data, model):
     loss_fn = instantiate(cfg.loss)
     to_input = input_fn(bundle.mean, bundle.std, torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    losses = [train_epoch(net, [(x, y)] * 20, opt, sched, scaler, loss_fn, to_input, nullcontext, None, 20,
-                          lambda step, loss: None)[0] for _ in range(3)]
+    losses = []
+    for _ in range(3):
+        loss_sum, seen, done = train_epoch(net, [(x, y)] * 20, opt, sched, scaler, loss_fn, to_input, nullcontext,
+                                           None, range(20), torch.zeros(()), 0, 5, lambda step, loss: None, 1)
+        assert (seen, done) == (20 * len(y), 20)
+        losses.append(loss_sum.item() / 20)
     assert losses[2] < 0.25 * losses[0], losses

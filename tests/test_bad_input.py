@@ -1,0 +1,139 @@
+"""Bad input: each case fails with one clear line on stderr, a non-zero exit and no traceback, and leaves no
+run directory that looks like a finished run. Untrusted checkpoints never run code."""
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import hsci, run_dirs, summary_of, write_imagefolder
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished smoke run (digits, cnn) to resume and evaluate."""
+    cwd = tmp_path_factory.mktemp("finished")
+    assert hsci("train", "experiment=smoke", cwd=cwd).returncode == 0
+    return run_dirs(cwd)[0]
+
+
+def broken_run(finished: Path, where: Path) -> Path:
+    """A copy of `finished` stopped mid-run, whose last.pt was cut short."""
+    run = where / "outputs" / "2026-01-01" / "00-00-00_broken"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text((finished / ".hydra" / "config.yaml").read_text())
+    last = (finished / "checkpoints" / "last.pt").read_bytes()
+    (run / "checkpoints" / "last.pt").write_bytes(last[: len(last) // 2])
+    return run
+
+
+def corrupt_imagefolder(root: Path) -> Path:
+    write_imagefolder(root, per_class=6)
+    bad = root / "train" / "cat" / "0.jpg"
+    bad.write_bytes(bad.read_bytes()[:40])  # a truncated JPEG
+    return bad
+
+
+def empty_imagefolder(root: Path) -> list[str]:
+    (root / "train").mkdir()
+    return [f"data.root={root}"]
+
+
+def outputs_is_a_file(cwd: Path) -> list[str]:
+    (cwd / "outputs").write_text("not a folder")
+    return []
+
+
+CASES = {
+    # name: (arguments, setup(tmp_path, finished) -> extra arguments, text the one line holds)
+    "unknown option": (["train", "data=cifar11"], None, "Could not find 'data/cifar11'; Available options in 'data': "
+                                                        "breast_cancer, cifar10"),
+    "unknown key": (["train", "optimizer.lrr=0.1"], None, "Could not override 'optimizer.lrr'; Key 'lrr' is not in struct"),
+    "wrong type": (["train", "trainer.epochs=abc"], None, "Value 'abc' of type 'str' could not be converted to Integer"),
+    "zero epochs": (["train", "trainer.epochs=0"], None, "trainer.epochs=0 is invalid: it must be at least 1"),
+    "negative batch size": (["train", "data.batch_size=-8"], None, "data.batch_size=-8 is invalid: it must be at least 1"),
+    "negative learning rate": (["train", "optimizer.lr=-0.1"], None, "optimizer.lr=-0.1 is invalid: it must be above 0"),
+    "val_fraction outside (0, 1)": (["train", "data.val_fraction=1.5"], None,
+                                    "data.val_fraction=1.5 is invalid: it must be between 0 and 1"),
+    "missing dataset folder": (["train", "data=imagefolder"], lambda tmp, run: [f"data.root={tmp / 'nowhere'}"],
+                               "train does not exist"),
+    "empty dataset folder": (["train", "data=imagefolder"],
+                             lambda tmp, run: empty_imagefolder(tmp),
+                             "has no class folders"),
+    "no root given": (["train", "data=imagefolder"], None, "data.root must be set"),
+    "corrupted image": (["train", "data=imagefolder", "experiment=smoke", "trainer.limit_batches=null",
+                         "data.num_workers=2"],
+                        lambda tmp, run: [f"data.root={corrupt_imagefolder(tmp / 'images').parents[2]}"],
+                        "cannot read image"),
+    "truncated checkpoint to resume": (["train"], lambda tmp, run: [f"resume={broken_run(run, tmp)}"],
+                                       "is not a readable checkpoint"),
+    "non-checkpoint file to eval": (["eval"], lambda tmp, run: [f"checkpoint={run / 'summary.json'}", "model=cnn"],
+                                    "is not a readable checkpoint"),
+    "checkpoint that does not fit the model": (["eval", "data=fake", "model=cnn"],
+                                               lambda tmp, run: [f"checkpoint={run / 'checkpoints' / 'best.pt'}"],
+                                               "layer 0.weight is (32, 1, 3, 3) in the checkpoint but (32, 3, 3, 3)"),
+    "run directory that does not exist (resume)": (["train", "resume=/no/such/run"], None,
+                                                   "/no/such/run is not a run directory"),
+    "run directory that does not exist (eval)": (["eval", "run=/no/such/run"], None, "holds no hsci run"),
+    "output folder that cannot be written": (["train", "experiment=smoke"],
+                                             lambda tmp, run: outputs_is_a_file(tmp),
+                                             "cannot create the run directory"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_fails_in_one_clear_line(case, tmp_path, finished):
+    args, setup, expected = CASES[case]
+    extra = setup(tmp_path, finished) if setup else []
+    result = hsci(*args, *extra, cwd=tmp_path)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    for run in run_dirs(tmp_path):
+        assert not (run / "summary.json").exists() or summary_of(run)["status"] != "completed"
+
+
+def test_a_failed_run_keeps_the_traceback_in_its_log(tmp_path):
+    corrupt_imagefolder(tmp_path / "images")
+    result = hsci("train", "data=imagefolder", f"data.root={tmp_path / 'images'}", "experiment=smoke",
+                  "trainer.limit_batches=null", cwd=tmp_path)
+    assert result.returncode == 1
+    [run] = run_dirs(tmp_path)
+    assert summary_of(run)["status"] == "failed" and "0.jpg" in summary_of(run)["error"]
+    assert "Traceback" in (run / "train.log").read_text()
+
+
+class _CreatesAFile:
+    """Unpickling this runs code: it would create the file `path`."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle.dump"])
+def test_a_checkpoint_that_would_run_code_is_refused_by_eval_and_resume(tmp_path, finished, how):
+    marker = tmp_path / "created-by-unpickling"
+    payload = {"model": _CreatesAFile(marker), "epoch": 1}
+    evil = tmp_path / "evil.pt"
+    if how == "torch.save":
+        torch.save(payload, evil)
+    else:
+        with open(evil, "wb") as f:
+            pickle.dump(payload, f, protocol=2)
+    run = broken_run(finished, tmp_path)
+    os.replace(evil, run / "checkpoints" / "last.pt")
+    evil = run / "checkpoints" / "last.pt"
+    for args in (["eval", f"checkpoint={evil}", "model=cnn"], ["train", f"resume={run}"]):
+        result = hsci(*args, cwd=tmp_path)
+        assert result.returncode == 1
+        [line] = result.stderr.strip().splitlines()
+        assert f"refusing {evil}" in line and "could run code" in line
+    assert not marker.exists()

@@ -1,0 +1,171 @@
+"""Runs that survive: graceful stops, kills at random moments, exact resume, hsci eval, concurrent starts,
+divergence, interrupted sweeps."""
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import hsci, run_dirs, summary_of
+from hsci.cli import _new_dir
+
+# Augmentation drawn in two worker processes, dropout, a cosine schedule: every source of randomness at once.
+EXPERIMENT = ["trainer.epochs=8", "data.random_crop_padding=1", "data.horizontal_flip=true", "data.num_workers=2",
+              "trainer.log_every=5"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run that interrupted-and-resumed runs must reproduce."""
+    cwd = tmp_path_factory.mktemp("reference")
+    assert hsci("train", *EXPERIMENT, cwd=cwd).returncode == 0
+    [run] = run_dirs(cwd)
+    return run
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "hsci", "train", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def epochs_logged(cwd: Path) -> int:
+    runs = run_dirs(cwd)
+    log = runs[0] / "train.log" if runs else None
+    return log.read_text().count("val_loss") if log and log.exists() else 0
+
+
+def wait_for_training(cwd: Path, proc: subprocess.Popen) -> Path:
+    """The run directory, once this session of it has finished an epoch (so its signal handlers are set)."""
+    before = epochs_logged(cwd)
+    while epochs_logged(cwd) <= before:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    return run_dirs(cwd)[0]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa = torch.load(a / "checkpoints" / "last.pt", weights_only=True)["model"]
+    wb = torch.load(b / "checkpoints" / "last.pt", weights_only=True)["model"]
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_stopped_by_signals_then_resumed_ends_bit_identical(reference, tmp_path):
+    proc = start(EXPERIMENT, tmp_path)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        run = wait_for_training(tmp_path, proc)
+        time.sleep(random.uniform(0.05, 0.3))  # mid-epoch, most likely
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], err
+        summary = summary_of(run)
+        assert summary["status"] == "interrupted" and f"resume with: hsci train resume={run}" in summary["error"]
+        state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+        assert {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "stale", "config"} <= set(state)
+        proc = start([f"resume={run}"], tmp_path)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    summary = summary_of(run)
+    assert summary["status"] == "completed" and len(summary["resumed"]) == 2
+    assert summary["test"] == summary_of(reference)["test"]
+    assert same_weights(run, reference)
+    assert [r["epoch"] for r in records(run)] == list(range(1, 9))  # each epoch once
+    assert [r["train_loss"] for r in records(run)] == [r["train_loss"] for r in records(reference)]
+
+
+def test_killed_at_random_moments_keeps_readable_checkpoints_and_resumes_exactly(reference, tmp_path):
+    rng = random.Random(0)
+    proc = start(EXPERIMENT, tmp_path)
+    for _ in range(3):
+        run = wait_for_training(tmp_path, proc)
+        time.sleep(rng.uniform(0, 0.4))
+        proc.kill()  # SIGKILL: no chance to save; whatever is on disk must be whole
+        proc.communicate()
+        state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+        assert 1 <= state["epoch"] <= 8
+        json.loads((run / "summary.json").read_text())
+        proc = start(["resume=latest"], tmp_path)
+    assert proc.communicate(timeout=120)[0] is not None and proc.returncode == 0
+    assert same_weights(run, reference)
+    assert summary_of(run)["test"] == summary_of(reference)["test"]
+    assert [r["epoch"] for r in records(run)] == list(range(1, 9))
+
+
+def test_extending_a_finished_run(reference, tmp_path):
+    # A copy of the reference, trained 2 epochs further in place.
+    run = tmp_path / "outputs" / "run"
+    shutil.copytree(reference, run)
+    refused = hsci("train", f"resume={run}", cwd=tmp_path)
+    assert refused.returncode == 1 and "already completed its 8 epochs; raise trainer.epochs" in refused.stderr
+    result = hsci("train", f"resume={run}", "trainer.epochs=10", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [r["epoch"] for r in records(run)] == list(range(1, 11))
+    assert summary_of(run)["epochs_run"] == 10
+    changed = hsci("train", f"resume={run}", "trainer.epochs=12", "optimizer.lr=0.5", cwd=tmp_path)
+    assert changed.returncode == 1 and "optimizer.lr=0.5 would change the experiment" in changed.stderr
+    assert summary_of(run)["status"] == "completed"  # a refused resume leaves the run as it was
+
+
+def test_eval_reproduces_the_summary_exactly(reference, tmp_path):
+    summary = summary_of(reference)
+    result = hsci("eval", f"run={reference}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((reference / "eval_test.json").read_text())["metrics"] == summary["test"]
+    assert hsci("eval", f"run={reference}", "split=val", cwd=tmp_path).returncode == 0
+    val = json.loads((reference / "eval_val.json").read_text())["metrics"]
+    assert {f"val_{k}": v for k, v in val.items()} == summary["best_val"]
+    # A checkpoint from elsewhere, with the model and data named on the command line.
+    result = hsci("eval", f"checkpoint={reference / 'checkpoints' / 'best.pt'}", "model=cnn", "data=digits", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"acc {summary['test']['acc']:.4f}" in result.stdout
+
+
+def test_concurrent_starts_each_get_their_own_run_directory(tmp_path):
+    procs = [start(["experiment=smoke", "name=same"], tmp_path) for _ in range(4)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    runs = run_dirs(tmp_path)
+    assert len(runs) == 4
+    assert all(summary_of(run)["status"] == "completed" and summary_of(run)["run_dir"] == str(run) for run in runs)
+    # The directory is claimed atomically: the same name asked for again gets a suffix, never the same folder.
+    base = str(tmp_path / "claim" / "12-00-00_x")
+    assert [Path(_new_dir(base)).name for _ in range(3)] == ["12-00-00_x", "12-00-00_x_2", "12-00-00_x_3"]
+
+
+def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    # The rate is fine in epoch 1 and multiplied by 1e12 from epoch 2 on.
+    result = hsci("train", "experiment=smoke", "trainer.epochs=3", "optimizer=sgd", "optimizer.lr=0.01",
+                  "scheduler=step", "scheduler.step_epochs=1", "scheduler.gamma=1e12", cwd=tmp_path)
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert "run diverged" in line and "at epoch 2, step" in line and "lower optimizer.lr" in line
+    [run] = run_dirs(tmp_path)
+    summary = summary_of(run)
+    assert summary["status"] == "diverged" and "epoch 2" in summary["error"]
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+    assert len(records(run)) == 1
+
+
+def test_an_interrupted_sweep_records_every_job_and_exits_non_zero(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "hsci", "train", "-m", "trainer.epochs=30", "seed=0,1,2"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not list((tmp_path / "outputs").glob("multirun/*/*/0/metrics.jsonl")):
+        assert proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    [sweep] = (tmp_path / "outputs" / "multirun").glob("*/*")
+    jobs = {job["job"]: job for job in json.loads((sweep / "sweep_summary.json").read_text())["jobs"]}
+    assert [jobs[n]["status"] for n in "012"] == ["interrupted"] * 3
+    assert "SIGINT at epoch" in jobs["0"]["error"] and "not started" in jobs["2"]["error"]
+    assert "3 of 3 jobs did not complete" in err
