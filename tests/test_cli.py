@@ -105,7 +105,8 @@ def test_missing_dataset_without_network_fails_in_one_line(tmp_path):
 def test_cifar10_in_torchvision_format_trains_resnet50(tmp_path):
     write_cifar(tmp_path / "cifar")
     result = hsci("train", "model=resnet50", "data=cifar10", "data.root=cifar", "data.download=false",
-                  "experiment=smoke", "data.num_workers=0", cwd=tmp_path)
+                  "experiment=smoke", "trainer.epochs=1", "trainer.limit_batches=1", "data.batch_size=4",
+                  "data.num_workers=0", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     summary = summary_of(run_dirs(tmp_path)[-1])
     assert summary["status"] == "completed" and run_dirs(tmp_path)[-1].name.endswith("_cifar10_resnet50")

@@ -17,7 +17,7 @@ from conftest import hsci, run_dirs, summary_of
 from hsci.cli import _new_dir
 
 # Augmentation drawn in two worker processes, dropout, a cosine schedule: every source of randomness at once.
-EXPERIMENT = ["trainer.epochs=8", "data.random_crop_padding=1", "data.horizontal_flip=true", "data.num_workers=2",
+EXPERIMENT = ["trainer.epochs=6", "data.random_crop_padding=1", "data.horizontal_flip=true", "data.num_workers=2",
               "trainer.log_every=5"]
 
 
@@ -79,26 +79,26 @@ def test_stopped_by_signals_then_resumed_ends_bit_identical(reference, tmp_path)
     assert summary["status"] == "completed" and len(summary["resumed"]) == 2
     assert summary["test"] == summary_of(reference)["test"]
     assert same_weights(run, reference)
-    assert [r["epoch"] for r in records(run)] == list(range(1, 9))  # each epoch once
+    assert [r["epoch"] for r in records(run)] == list(range(1, 7))  # each epoch once
     assert [r["train_loss"] for r in records(run)] == [r["train_loss"] for r in records(reference)]
 
 
 def test_killed_at_random_moments_keeps_readable_checkpoints_and_resumes_exactly(reference, tmp_path):
     rng = random.Random(0)
     proc = start(EXPERIMENT, tmp_path)
-    for _ in range(3):
+    for _ in range(2):
         run = wait_for_training(tmp_path, proc)
         time.sleep(rng.uniform(0, 0.4))
         proc.kill()  # SIGKILL: no chance to save; whatever is on disk must be whole
         proc.communicate()
         state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-        assert 1 <= state["epoch"] <= 8
+        assert 1 <= state["epoch"] <= 6
         json.loads((run / "summary.json").read_text())
         proc = start(["resume=latest"], tmp_path)
     assert proc.communicate(timeout=120)[0] is not None and proc.returncode == 0
     assert same_weights(run, reference)
     assert summary_of(run)["test"] == summary_of(reference)["test"]
-    assert [r["epoch"] for r in records(run)] == list(range(1, 9))
+    assert [r["epoch"] for r in records(run)] == list(range(1, 7))
 
 
 def test_extending_a_finished_run(reference, tmp_path):
@@ -106,11 +106,11 @@ def test_extending_a_finished_run(reference, tmp_path):
     run = tmp_path / "outputs" / "run"
     shutil.copytree(reference, run)
     refused = hsci("train", f"resume={run}", cwd=tmp_path)
-    assert refused.returncode == 1 and "already completed its 8 epochs; raise trainer.epochs" in refused.stderr
-    result = hsci("train", f"resume={run}", "trainer.epochs=10", cwd=tmp_path)
+    assert refused.returncode == 1 and "already completed its 6 epochs; raise trainer.epochs" in refused.stderr
+    result = hsci("train", f"resume={run}", "trainer.epochs=8", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert [r["epoch"] for r in records(run)] == list(range(1, 11))
-    assert summary_of(run)["epochs_run"] == 10
+    assert [r["epoch"] for r in records(run)] == list(range(1, 9))
+    assert summary_of(run)["epochs_run"] == 8
     changed = hsci("train", f"resume={run}", "trainer.epochs=12", "optimizer.lr=0.5", cwd=tmp_path)
     assert changed.returncode == 1 and "optimizer.lr=0.5 would change the experiment" in changed.stderr
     assert summary_of(run)["status"] == "completed"  # a refused resume leaves the run as it was
