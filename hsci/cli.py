@@ -11,6 +11,7 @@ VERBS = {
              "sweeps: hsci train -m key=a,b; resume: hsci train resume=<run dir>|latest",
     "eval": "evaluate a run's best checkpoint: hsci eval run=<run dir>|latest [split=val]; "
             "or hsci eval checkpoint=<file.pt> model=... data=...",
+    "bench": "how fast will this config train here: hsci bench [key=value ...] [steps=30 warmup=5]",
 }
 
 
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         from hsci import evaluate  # imports torch
 
         return evaluate.main(rest)
+    if verb == "bench":
+        from hsci import bench
+
+        return bench.main(rest)
     return fail(f"unknown command '{verb}'; commands: {', '.join(VERBS)} (see hsci --help)", 2)
 
 

@@ -42,13 +42,32 @@ class Data:
     num_outputs: int  # classes for multiclass, 1 for binary and regression
     batch_size: int
     num_workers: int | str  # "auto" = one per CPU, at most 8
+    loader: str  # auto, torch (DataLoader) or gpu (the whole set on the device, augmented there)
     mean: tuple[float, ...] | None = None  # per channel, of images scaled to [0, 1]; None for tables
     std: tuple[float, ...] | None = None
     target_mean: float = 0.0  # regression targets are standardised for training; metrics undo it
     target_std: float = 1.0
 
 
-Augment = Callable[[torch.Tensor, random.Random], torch.Tensor]
+@dataclass(frozen=True)
+class CropFlip:
+    """Train-time augmentation: a random crop of the original size from the image zero-padded by `padding`,
+    then a horizontal flip with probability 1/2 when `flip`. hsci/loaders.py applies the same to whole
+    batches on the device."""
+
+    padding: int
+    flip: bool
+
+    def __call__(self, x: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        """One uint8 (C, H, W) image; all randomness comes from `rng`, so the sample's seed fixes it."""
+        h, w = x.shape[-2:]
+        if self.padding:
+            p = self.padding
+            i, j = rng.randrange(2 * p + 1), rng.randrange(2 * p + 1)
+            x = F.pad(x, (p, p, p, p))[:, i:i + h, j:j + w]
+        if self.flip and rng.random() < 0.5:
+            x = x.flip(-1)
+        return x
 
 
 class Tensors(Dataset):
@@ -59,7 +78,7 @@ class Tensors(Dataset):
     sample's augmentation, whichever worker process loads it.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, augment: Augment | None = None):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, augment: CropFlip | None = None):
         self.x, self.y, self.augment = x, y, augment
 
     def __len__(self) -> int:
@@ -73,7 +92,7 @@ class Tensors(Dataset):
 class ImageFiles(Dataset):
     """Image files read on demand, resized and centre-cropped to `size`, as uint8 (C, size, size); keys as `Tensors`."""
 
-    def __init__(self, samples: list[tuple[str, int]], size: int, channels: int, augment: Augment | None = None):
+    def __init__(self, samples: list[tuple[str, int]], size: int, channels: int, augment: CropFlip | None = None):
         self.samples, self.mode, self.augment = samples, "L" if channels == 1 else "RGB", augment
         self.resize = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
 
@@ -91,7 +110,7 @@ class ImageFiles(Dataset):
         return _augmented(x, self.augment, seed), label
 
 
-def _augmented(x: torch.Tensor, augment: Augment | None, seed: int | None) -> torch.Tensor:
+def _augmented(x: torch.Tensor, augment: CropFlip | None, seed: int | None) -> torch.Tensor:
     if augment is None:
         return x
     if seed is None:  # indexed directly, outside hsci's sampler: draw from torch's generator
@@ -105,27 +124,27 @@ def digits(test_fraction: float, **common) -> Data:
     x = torch.from_numpy(np.round(bunch.images * 255 / 16)).to(torch.uint8).unsqueeze(1)  # (N, 1, 8, 8)
     y = torch.from_numpy(bunch.target)
     rest, test = _split(y, test_fraction, common["split_seed"])
-    return _images(x[rest], y[rest], x[test], y[test], num_classes=10, **common)
+    return _images("digits", x[rest], y[rest], x[test], y[test], **common)
 
 
 def mnist(root: str, download: bool, **common) -> Data:
     """MNIST in torchvision's layout: <root>/MNIST/raw/*-ubyte."""
-    return _images(*_idx_files(datasets.MNIST, "mnist", root, download), num_classes=10, **common)
+    return _images("mnist", *_idx_files(datasets.MNIST, "mnist", root, download), **common)
 
 
 def fashion_mnist(root: str, download: bool, **common) -> Data:
     """Fashion-MNIST in torchvision's layout: <root>/FashionMNIST/raw/*-ubyte."""
-    return _images(*_idx_files(datasets.FashionMNIST, "fashion_mnist", root, download), num_classes=10, **common)
+    return _images("fashion_mnist", *_idx_files(datasets.FashionMNIST, "fashion_mnist", root, download), **common)
 
 
 def cifar10(root: str, download: bool, **common) -> Data:
     """CIFAR-10 in torchvision's layout: <root>/cifar-10-batches-py/."""
-    return _images(*_cifar(datasets.CIFAR10, "cifar10", root, download, "labels"), num_classes=10, **common)
+    return _images("cifar10", *_cifar(datasets.CIFAR10, "cifar10", root, download, "labels"), **common)
 
 
 def cifar100(root: str, download: bool, **common) -> Data:
     """CIFAR-100 (fine labels) in torchvision's layout: <root>/cifar-100-python/."""
-    return _images(*_cifar(datasets.CIFAR100, "cifar100", root, download, "fine_labels"), num_classes=100, **common)
+    return _images("cifar100", *_cifar(datasets.CIFAR100, "cifar100", root, download, "fine_labels"), **common)
 
 
 def fake(train_size: int, test_size: int, image_shape: list[int], num_classes: int, **common) -> Data:
@@ -136,12 +155,13 @@ def fake(train_size: int, test_size: int, image_shape: list[int], num_classes: i
         pairs = [ds[i] for i in range(size)]
         return torch.stack([x for x, _ in pairs]), torch.tensor([int(y) for _, y in pairs])
 
-    return _images(*make(train_size, 0), *make(test_size, train_size), num_classes=num_classes, **common)
+    return _images("fake", *make(train_size, 0), *make(test_size, train_size), image_shape=image_shape,
+                   num_classes=num_classes, **common)
 
 
 def imagefolder(root: str, image_size: int, channels: int, val_fraction: float, test_fraction: float,
                 split_seed: int, random_crop_padding: int, horizontal_flip: bool, batch_size: int,
-                num_workers: int | str, mean: list[float], std: list[float]) -> Data:
+                num_workers: int | str, loader: str, mean: list[float], std: list[float]) -> Data:
     """A user's own images: <root>/{train,val,test}/<class>/*.png|jpg; val/ and test/ are optional."""
     root_dir = Path(root).resolve()
     train_dir = root_dir / "train"
@@ -165,10 +185,10 @@ def imagefolder(root: str, image_size: int, channels: int, val_fraction: float, 
         rest, held = _split([label for _, label in train], val_fraction, split_seed)
         train, samples["val"] = [train[i] for i in rest], [train[i] for i in held]
     shape = (channels, image_size, image_size)
-    augment = _augment(shape, random_crop_padding, horizontal_flip)
+    augment = _augment(random_crop_padding, horizontal_flip)
     return _data(ImageFiles(train, image_size, channels, augment), ImageFiles(samples["val"], image_size, channels),
                  ImageFiles(samples["test"], image_size, channels), shape, len(classes),
-                 batch_size, num_workers, mean, std)
+                 batch_size, num_workers, loader, mean, std)
 
 
 def breast_cancer(**split) -> Data:
@@ -183,22 +203,29 @@ def diabetes(**split) -> Data:
     return _table(bunch.data, bunch.target, "regression", **split)
 
 
-def _images(x_train, y_train, x_test, y_test, *, num_classes: int, val_fraction: float, split_seed: int,
-            random_crop_padding: int, horizontal_flip: bool, batch_size: int, num_workers: int | str,
-            mean: list[float], std: list[float]) -> Data:
-    """A `Data` of in-memory uint8 images; validation is carved from the training split."""
+def _images(name: str, x_train, y_train, x_test, y_test, *, image_shape: list[int], num_classes: int,
+            val_fraction: float, split_seed: int, random_crop_padding: int, horizontal_flip: bool,
+            batch_size: int, num_workers: int | str, loader: str, mean: list[float], std: list[float]) -> Data:
+    """A `Data` of in-memory uint8 images of the declared shape and classes; validation is carved from the
+    training split."""
+    found = tuple(x_train.shape[1:])
+    if found != tuple(image_shape) or max(int(y_train.max()), int(y_test.max())) >= num_classes:
+        raise UserError(f"data={name}: the files hold images of shape {found} with labels up to "
+                        f"{max(int(y_train.max()), int(y_test.max()))}, not data.image_shape={list(image_shape)} and "
+                        f"data.num_classes={num_classes}: check data.root, or correct those two keys")
     keep, held = _split(y_train, val_fraction, split_seed)
-    augment = _augment(tuple(x_train.shape[1:]), random_crop_padding, horizontal_flip)
+    augment = _augment(random_crop_padding, horizontal_flip)
     return _data(Tensors(x_train[keep], y_train[keep], augment), Tensors(x_train[held], y_train[held]),
-                 Tensors(x_test, y_test), tuple(x_train.shape[1:]), num_classes, batch_size, num_workers, mean, std)
+                 Tensors(x_test, y_test), tuple(x_train.shape[1:]), num_classes, batch_size, num_workers, loader,
+                 mean, std)
 
 
-def _data(train, val, test, shape, num_classes, batch_size, num_workers, mean, std) -> Data:
-    return Data(train, val, test, "multiclass", shape, num_classes, batch_size, num_workers,
+def _data(train, val, test, shape, num_classes, batch_size, num_workers, loader, mean, std) -> Data:
+    return Data(train, val, test, "multiclass", shape, num_classes, batch_size, num_workers, loader,
                 tuple(mean), tuple(std))
 
 
-def _table(x: np.ndarray, y: np.ndarray, task: str, *, batch_size: int, num_workers: int | str,
+def _table(x: np.ndarray, y: np.ndarray, task: str, *, batch_size: int, num_workers: int | str, loader: str,
            val_fraction: float, test_fraction: float, split_seed: int) -> Data:
     """A `Data` of feature vectors, standardised with the training split's mean and std."""
     stratify = task != "regression"
@@ -211,7 +238,7 @@ def _table(x: np.ndarray, y: np.ndarray, task: str, *, batch_size: int, num_work
     y = (y - target_mean) / target_std
     xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y).float().unsqueeze(1)  # (N, F), (N, 1)
     splits = [Tensors(xt[i], yt[i]) for i in (train, val, test)]
-    return Data(*splits, task, (x.shape[1],), 1, batch_size, num_workers,
+    return Data(*splits, task, (x.shape[1],), 1, batch_size, num_workers, loader,
                 target_mean=target_mean, target_std=target_std)
 
 
@@ -231,25 +258,8 @@ def _split(labels, fraction: float, seed: int, stratify: bool = True) -> tuple[n
     return np.sort(kept), np.sort(held)
 
 
-def _augment(shape: tuple[int, ...], padding: int, flip: bool) -> Augment | None:
-    """Train-time augmentation of one uint8 (C, H, W) image: random crop with zero padding, horizontal flip.
-
-    All randomness comes from the `rng` passed in, so a sample's augmentation is fixed by its seed.
-    """
-    if not padding and not flip:
-        return None
-    h, w = shape[-2:]
-
-    def augment(x: torch.Tensor, rng: random.Random) -> torch.Tensor:
-        if padding:
-            x = F.pad(x, (padding, padding, padding, padding))
-            i, j = rng.randrange(2 * padding + 1), rng.randrange(2 * padding + 1)
-            x = x[:, i:i + h, j:j + w]
-        if flip and rng.random() < 0.5:
-            x = x.flip(-1)
-        return x
-
-    return augment
+def _augment(padding: int, flip: bool) -> CropFlip | None:
+    return CropFlip(padding, flip) if padding or flip else None
 
 
 def _idx_files(cls, name: str, root: str, download: bool):

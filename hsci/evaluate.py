@@ -3,14 +3,10 @@
 import sys
 import time
 from contextlib import AbstractContextManager
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
@@ -19,10 +15,10 @@ from torchmetrics.classification import (BinaryAccuracy, BinaryF1Score, BinaryPr
                                          MulticlassRecall)
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
 
-from hsci import UserError, interrupt, report, rundir, schema
-from hsci.cli import one_line, config_dir, latest_run
+from hsci import UserError, interrupt, report, rundir, user_error
+from hsci.build import build, compose
+from hsci.cli import latest_run
 from hsci.data import Data
-from hsci.loaders import input_fn, make_loader
 
 
 def make_metrics(task: str, num_outputs: int) -> MetricCollection:
@@ -46,7 +42,7 @@ def monitor(task: str) -> tuple[str, str]:
     return ("val_loss", "min") if task == "regression" else ("val_acc", "max")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, data: Data, loss_fn: nn.Module, metrics: MetricCollection,
              to_input: Callable, amp: Callable[[], AbstractContextManager],
              limit: int | None = None) -> dict[str, float] | None:
@@ -82,8 +78,6 @@ def _predictions(out: torch.Tensor, y: torch.Tensor, data: Data) -> tuple[torch.
 def main(args: list[str]) -> int:
     """`hsci eval run=<run dir>|latest [split=test|val] [data.*=... trainer.*=...]`: a run's best checkpoint
     with the run's own config; or `hsci eval checkpoint=<file.pt> model=... data=... [key=value ...]`."""
-    from hsci.train import user_error
-
     try:
         return run_eval(args)
     except Exception as e:  # one line for the user, whatever went wrong
@@ -93,8 +87,6 @@ def main(args: list[str]) -> int:
 
 
 def run_eval(args: list[str]) -> int:
-    from hsci.train import pick_device  # the same device rules as training
-
     opts = dict(a.split("=", 1) for a in args if a.split("=", 1)[0] in ("run", "checkpoint", "split"))
     changes = [a for a in args if a.split("=", 1)[0] not in opts]
     split = opts.get("split", "test")
@@ -111,37 +103,15 @@ def run_eval(args: list[str]) -> int:
     else:
         cfg, checkpoint, out = compose(changes), Path(opts["checkpoint"]).resolve(), None
     state = rundir.load_checkpoint(checkpoint)
-    t = cfg.trainer
-    device = pick_device(t.device)
-    torch.manual_seed(cfg.seed)
-    loss_fn = instantiate(cfg.loss)
-    data = instantiate(cfg.data)
-    model = instantiate(cfg.model, input_shape=data.input_shape, num_outputs=data.num_outputs).to(device)
-    rundir.load_weights(model, state.get("model", state), checkpoint)  # an hsci checkpoint or a bare state dict
-    to_input = input_fn(**{"mean": data.mean, "std": data.std, **getattr(model, "pretrained_input", {})},
-                        device=device)
-    loader = make_loader(getattr(data, split), data.batch_size, data.num_workers, device, train=False, seed=cfg.seed)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision.value)
-    amp = partial(torch.autocast, device.type, dtype=dtype, enabled=dtype is not None)
-    results = evaluate(model, loader, data, loss_fn, make_metrics(data.task, data.num_outputs).to(device), to_input,
-                       amp, t.limit_batches)
+    p = build(cfg)
+    rundir.load_weights(p.model, state.get("model", state), checkpoint)  # an hsci checkpoint or a bare state dict
+    metrics = make_metrics(p.data.task, p.data.num_outputs).to(p.device)
+    results = evaluate(p.model, p.test_loader if split == "test" else p.val_loader, p.data, p.loss_fn, metrics,
+                       p.to_input, p.amp, cfg.trainer.limit_batches)
     report.metrics_table(f"{split} split, {checkpoint}", results)
     if out:
         rundir.write_json(out, {"split": split, "checkpoint": str(checkpoint), "metrics": results,
-                                "device": str(device), "changes": changes, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                "device": str(p.device), "changes": changes, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                 "versions": rundir.versions()})
         report.say(f"written: {out}")
     return 0
-
-
-def compose(overrides: list[str]) -> DictConfig:
-    """The config `hsci train` would compose from these overrides, for a checkpoint from elsewhere."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.errors import HydraException
-
-    schema.register()
-    try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            return hydra_compose("config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise UserError(one_line(str(e))) from e

@@ -4,12 +4,15 @@ import atexit
 import multiprocessing
 import os
 import signal
+import time
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from hsci import UserError
 
 
 class EpochSampler(Sampler):
@@ -40,9 +43,79 @@ class EpochSampler(Sampler):
         return iter(zip(order, seeds))
 
 
+class DeviceLoader:
+    """Batches from a dataset held whole on the device, as uint8: each epoch's order, crops and flips are
+    drawn there at once from (seed, epoch), so no CPU worker stands between the data and the model.
+
+    The training loader gives the same stream as `EpochSampler` does (by position: an interrupted epoch
+    resumes exactly) and the same distribution of augmented images as `CropFlip` per sample."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, *, train: bool, seed: int):
+        self.x, self.y = dataset.x.to(device), dataset.y.to(device)
+        self.augment = dataset.augment if train else None
+        self.batch_size, self.train, self.seed, self.device = batch_size, train, seed, device
+        self.drop_last = train and len(self.x) > batch_size
+        self.epoch, self.start = 1, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        n = len(self.x) - self.start
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.x)
+        order, offsets, flips = torch.arange(n, device=self.device), None, None
+        if self.train:
+            entropy = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0]
+            g = torch.Generator(self.device).manual_seed(int(entropy))
+            order = torch.randperm(n, generator=g, device=self.device)
+            if self.augment:
+                offsets = torch.randint(2 * self.augment.padding + 1, (n, 2), generator=g, device=self.device)
+                flips = torch.rand(n, generator=g, device=self.device) < 0.5
+        for i in range(self.start, self.start + len(self) * self.batch_size, self.batch_size):
+            batch = order[i:i + self.batch_size]
+            x = self.x[batch]
+            if self.augment:
+                x = crop_flip(x, self.augment.padding, offsets[i:i + self.batch_size],
+                              flips[i:i + self.batch_size] & self.augment.flip)
+            yield x, self.y[batch]
+
+
+def crop_flip(x: torch.Tensor, padding: int, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """`CropFlip` for a whole uint8 batch (B, C, H, W) on its device: sample b is cropped at row offsets[b, 0]
+    and column offsets[b, 1] of the zero-padded image, then mirrored where flips[b]."""
+    b, _, h, w = x.shape
+    if padding:
+        padded = F.pad(x, (padding, padding, padding, padding))
+        rows = (offsets[:, :1] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
+        cols = (offsets[:, 1:] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
+        x = padded[torch.arange(b, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
+    return torch.where(flips[:, None, None, None], x.flip(-1), x)
+
+
+def pick_loader(choice: str, data, device: torch.device) -> str:
+    """`gpu` or `torch` for data.loader=`choice`; `auto` takes gpu on CUDA when the set is held in memory and
+    fits within a quarter of the device's free memory."""
+    in_memory = all(hasattr(split, "x") for split in (data.train, data.val, data.test))
+    if choice == "gpu" and not in_memory:
+        raise UserError("data.loader=gpu needs a dataset held in memory, and this one reads files on demand: "
+                        "use data.loader=torch or auto")
+    if choice != "auto":
+        return choice
+    if device.type != "cuda" or not in_memory:
+        return "torch"
+    size = sum(t.nbytes for split in (data.train, data.val, data.test) for t in (split.x, split.y))
+    return "gpu" if size < torch.cuda.mem_get_info(device)[0] / 4 else "torch"
+
+
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int | str, device: torch.device, *,
-                train: bool, seed: int) -> DataLoader:
-    """A DataLoader; the training one draws its order from an `EpochSampler` and drops a ragged last batch."""
+                train: bool, seed: int, kind: str = "torch") -> DataLoader | DeviceLoader:
+    """A DeviceLoader for kind `gpu`; else a DataLoader, whose training one draws its order from an
+    `EpochSampler` and drops a ragged last batch."""
+    if kind == "gpu":
+        return DeviceLoader(dataset, batch_size, device, train=train, seed=seed)
     workers = min(8, os.cpu_count() or 1) if num_workers == "auto" else int(num_workers)
     sampler = EpochSampler(len(dataset), seed, hasattr(dataset, "augment")) if train else None
     return DataLoader(
@@ -50,6 +123,28 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int | str, devic
         pin_memory=device.type == "cuda", persistent_workers=workers > 0, worker_init_fn=_worker_init,
         drop_last=train and len(dataset) > batch_size,  # a batch of one breaks batch norm
         generator=torch.Generator().manual_seed(seed))  # worker seeds; keeps the global generator untouched
+
+
+def start_epoch(loader: DataLoader | DeviceLoader, epoch: int, first_batch: int = 0) -> None:
+    """Point a training loader at `epoch`, from its `first_batch` on."""
+    (loader if isinstance(loader, DeviceLoader) else loader.sampler).set_epoch(epoch, first_batch * loader.batch_size)
+
+
+class Timed:
+    """Iterates a loader and adds up, in `wait_s`, the seconds the consumer waited for each batch."""
+
+    def __init__(self, loader):
+        self.loader, self.wait_s = loader, 0.0
+
+    def __iter__(self) -> Iterator:
+        batches = iter(self.loader)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            self.wait_s += time.perf_counter() - start
+            if batch is None:
+                return
+            yield batch
 
 
 def _worker_init(worker_id: int) -> None:
@@ -70,11 +165,12 @@ def _end_workers() -> None:
 
 
 def input_fn(mean: tuple | None, std: tuple | None, device: torch.device, *, size: int | None = None,
-             channels: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+             channels: int | None = None, channels_last: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """The on-device step from a loader's batch to the model's input.
 
     uint8 images (B, C, H, W) become floats normalised with `mean`/`std`; `channels` and `size` adapt
-    them to pretrained weights (grayscale repeated to RGB, resized). Tables pass through unchanged.
+    them to pretrained weights (grayscale repeated to RGB, resized); `channels_last` lays them out as
+    (B, H, W, C) in memory for convolutions. Tables pass through unchanged.
     """
     if mean is None:
         return lambda x: x
@@ -87,6 +183,7 @@ def input_fn(mean: tuple | None, std: tuple | None, device: torch.device, *, siz
             x = x.expand(-1, channels, -1, -1)
         if size and tuple(x.shape[-2:]) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        return (x - mean_t) / std_t
+        x = (x - mean_t) / std_t
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     return to_input

@@ -9,6 +9,7 @@ from omegaconf import MISSING
 
 
 class Precision(Enum):
+    auto = "auto"  # bf16 on CUDA devices that support it, else fp32
     fp32 = "fp32"
     bf16 = "bf16"  # autocast to bfloat16
     fp16 = "fp16"  # autocast to float16 with a grad scaler
@@ -23,6 +24,9 @@ class Trainer:
     early_stop_patience: Optional[int] = MISSING
     limit_batches: Optional[int] = MISSING
     log_every: int = MISSING
+    channels_last: Any = MISSING  # auto, true or false (checked by hsci/build.py)
+    compile: Any = MISSING  # false, true or max-autotune
+    deterministic: bool = MISSING
 
 
 @dataclass

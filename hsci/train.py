@@ -7,7 +7,7 @@ run stopped by a signal saves the exact point it reached, and `resume=` carries 
 
 import json
 import math
-import random
+import resource
 import signal
 import sys
 import time
@@ -15,30 +15,20 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.utils.data import default_collate
 
-from hsci import UserError, interrupt, report, rundir
+import hsci
+from hsci import UserError, interrupt, report, rundir, user_error
+from hsci.build import Parts, build
 from hsci.evaluate import evaluate, make_metrics, monitor
-from hsci.loaders import input_fn, make_loader
+from hsci.loaders import Timed, start_epoch
 
-# The loss each task trains with, as its config option name: a mismatch is a user error.
-TASK_LOSS = {"multiclass": "cross_entropy", "binary": "bce", "regression": "mse"}
-LOSS_TASK = {nn.CrossEntropyLoss: "multiclass", nn.BCEWithLogitsLoss: "binary", nn.MSELoss: "regression"}
-# Values that compose but cannot train: (key, test, what the value must be).
-CHECKS = [("seed", lambda v: v >= 0, "0 or more"), ("trainer.epochs", lambda v: v >= 1, "at least 1"),
-          ("data.batch_size", lambda v: v >= 1, "at least 1"), ("optimizer.lr", lambda v: v > 0, "above 0"),
-          ("data.val_fraction", lambda v: 0 < v < 1, "between 0 and 1"),
-          ("data.test_fraction", lambda v: 0 < v < 1, "between 0 and 1"),
-          ("trainer.log_every", lambda v: v >= 1, "at least 1"),
-          ("trainer.limit_batches", lambda v: v is None or v >= 1, "at least 1, or null"),
-          ("trainer.early_stop_patience", lambda v: v is None or v >= 1, "at least 1, or null"),
-          ("trainer.grad_clip", lambda v: v is None or v > 0, "above 0, or null")]
 # What a resumed run may change: where the data lives and how the loop runs, never the experiment.
 RESUMABLE = ("trainer.", "data.root", "data.download", "data.num_workers")
 
@@ -121,33 +111,13 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
 
     `state` (a last.pt) puts the run back where it stopped; `config` is `cfg` as plain values.
     """
-    check_values(cfg)
-    t = cfg.trainer
-    device = pick_device(t.device)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
     report.config(config, OmegaConf.to_yaml(config))
-
-    loss_fn = instantiate(cfg.loss)
-    data = instantiate(cfg.data)
-    check_loss(loss_fn, data.task)
-    model = instantiate(cfg.model, input_shape=data.input_shape, num_outputs=data.num_outputs).to(device)
-    pretrained = getattr(model, "pretrained_input", {})  # the resize and normalisation the weights expect
-    to_input = input_fn(**{"mean": data.mean, "std": data.std, **pretrained}, device=device)
-    if pretrained:
-        report.say(f"pretrained weights: inputs resized to {pretrained['size']} px and normalised with the "
-                   "weights' mean/std")
-    loader = partial(make_loader, batch_size=data.batch_size, num_workers=data.num_workers, device=device,
-                     seed=cfg.seed)
-    train_loader, val_loader, test_loader = (loader(data.train, train=True), loader(data.val, train=False),
-                                             loader(data.test, train=False))
-    steps = min(len(train_loader), t.limit_batches or len(train_loader))
+    p = build(cfg)
+    t, model, data, device = cfg.trainer, p.model, p.data, p.device
+    steps = min(len(p.train_loader), t.limit_batches or len(p.train_loader))
     opt = instantiate(cfg.optimizer, params=model.parameters())
     sched = instantiate(cfg.scheduler, opt=opt, epochs=t.epochs, steps_per_epoch=steps)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision.value)
-    amp = partial(torch.autocast, device.type, dtype=dtype, enabled=dtype is not None)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=p.precision == "fp16")
     metrics = make_metrics(data.task, data.num_outputs).to(device)
     key, mode = monitor(data.task)
     at = {"epoch": 0, "step": 0, "loss_sum": 0.0, "seen": 0, "best_record": {}, "stale": 0}
@@ -155,8 +125,13 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
         at = restore(state, model, opt, sched, scaler, run_dir / "checkpoints" / "last.pt")
         rundir.keep_epochs(run_dir / "metrics.jsonl", at["epoch"])
         report.say(f"resuming at epoch {at['epoch'] + 1}, step {at['step']}")
-    report.say(f"device {device}  {t.precision.value}  {sum(p.numel() for p in model.parameters()):,} parameters  "
-               f"train/val/test {len(data.train)}/{len(data.val)}/{len(data.test)}  run dir {run_dir}")
+    compile_s = warm_up(p, data.batch_size) if t.compile else 0.0
+    setup = {"device": str(device), "precision": p.precision, "channels_last": p.channels_last, "loader": p.loader,
+             "compile_s": round(compile_s, 3), "startup_s": round(time.time() - hsci.STARTED, 3)}
+    report.say("  ".join(f"{k} {v}" for k, v in setup.items()) + f"  {sum(q.numel() for q in model.parameters()):,} "
+               f"parameters  train/val/test {len(data.train)}/{len(data.val)}/{len(data.test)}  run dir {run_dir}")
+    evaluating = partial(evaluate, model, data=data, loss_fn=p.loss_fn, metrics=metrics, to_input=p.to_input,
+                         amp=p.amp, limit=t.limit_batches)
 
     def checkpoint(done: int, step: int, loss_sum: float, seen: int) -> dict:
         """Everything to carry on exactly: `done` epochs complete, then `step` steps of the next one."""
@@ -173,21 +148,23 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
         first = at["step"] if epoch == at["epoch"] + 1 else 0
         loss_sum = torch.tensor(at["loss_sum"] if first else 0.0, device=device)
         seen = seen_before = at["seen"] if first else 0
-        train_loader.sampler.set_epoch(epoch, first * data.batch_size)
+        start_epoch(p.train_loader, epoch, first)
+        batches, todo = Timed(p.train_loader), range(first, steps)
+        reset_peak_memory(device)
         start = time.perf_counter()
-        todo = range(first, steps)
         with report.epoch_progress(epoch, t.epochs, todo, data.batch_size, t.log_every) as progress:
-            loss_sum, seen, step = train_epoch(model, train_loader, opt, sched, scaler, loss_fn, to_input, amp,
+            loss_sum, seen, step = train_epoch(model, batches, opt, sched, scaler, p.loss_fn, p.to_input, p.amp,
                                                t.grad_clip, todo, loss_sum, seen, t.log_every, progress, epoch)
         epoch_s = time.perf_counter() - start
-        val = evaluate(model, val_loader, data, loss_fn, metrics, to_input, amp, t.limit_batches) if step == steps else None
+        val = evaluating(p.val_loader) if step == steps else None
         if val is None:  # a stop signal: save the exact point reached
             rundir.save_checkpoint(run_dir / "checkpoints" / "last.pt", checkpoint(done, step, loss_sum.item(), seen))
-            return stopped(run_dir, done, f"at epoch {epoch}, step {step}")
+            return setup | stopped(run_dir, done, f"at epoch {epoch}, step {step}")
         if not math.isfinite(val["loss"]):
             raise Diverged(f"the validation loss is {val['loss']} after epoch {epoch}: {DIVERGED_HINT}")
         record = {"epoch": epoch, "train_loss": loss_sum.item() / steps, **{f"val_{k}": v for k, v in val.items()},
-                  "lr": opt.param_groups[0]["lr"], "epoch_s": epoch_s, "train_img_per_s": (seen - seen_before) / epoch_s}
+                  "lr": opt.param_groups[0]["lr"], "epoch_s": epoch_s, "train_img_per_s": (seen - seen_before) / epoch_s,
+                  "data_wait_s": batches.wait_s, "max_mem_gb": peak_memory_gb(device)}
         rundir.append_jsonl(run_dir / "metrics.jsonl", record)
         report.epoch_row(record, first=epoch == 1)
         improved = better(record, best_record, key, mode)
@@ -199,12 +176,12 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
 
     best_state = rundir.load_checkpoint(run_dir / "checkpoints" / "best.pt")
     rundir.load_weights(model, best_state["model"], run_dir / "checkpoints" / "best.pt")
-    test = evaluate(model, test_loader, data, loss_fn, metrics, to_input, amp, t.limit_batches)
+    test = evaluating(p.test_loader)
     if test is None:
-        return stopped(run_dir, done, "while testing")
-    return {"status": "completed", "device": str(device), "epochs_run": done, "monitor": key, "mode": mode,
-            "best_epoch": best_record["epoch"], "best_val": {k: v for k, v in best_record.items() if k.startswith("val_")},
-            "test": test}
+        return setup | stopped(run_dir, done, "while testing")
+    return setup | {"status": "completed", "epochs_run": done, "monitor": key, "mode": mode,
+                    "best_epoch": best_record["epoch"],
+                    "best_val": {k: v for k, v in best_record.items() if k.startswith("val_")}, "test": test}
 
 
 DIVERGED_HINT = ("lower optimizer.lr, set trainer.grad_clip (e.g. 1.0), or use trainer.precision=bf16 instead of "
@@ -266,54 +243,41 @@ def restore(state: dict, model: nn.Module, opt, sched, scaler, source: Path) -> 
     return {k: state[k] for k in ("epoch", "step", "loss_sum", "seen", "best_record", "stale")}
 
 
+def warm_up(p: Parts, batch_size: int) -> float:
+    """Compile the training step on a first batch and return the seconds it took, leaving weights,
+    buffers, gradients and random generators as they were, so compiling is kept out of the timings."""
+    before = {k: v.clone() for k, v in p.model.state_dict().items()}
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[p.device] if p.device.type == "cuda" else []):
+        x, y = default_collate([p.data.train[i] for i in range(min(batch_size, len(p.data.train)))])
+        x, y = x.to(p.device), y.to(p.device)
+        with p.amp():
+            loss = p.loss_fn(p.model(p.to_input(x)), y)
+        loss.backward()
+        loss.item()  # waits for the device
+    seconds = time.perf_counter() - start
+    p.model.load_state_dict(before)
+    p.model.zero_grad(set_to_none=True)
+    return seconds
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory since the epoch began: the device's allocations on CUDA, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (1e9 if sys.platform == "darwin" else 1e6)
+
+
 def stopped(run_dir: Path, done: int, where: str) -> dict:
     name = signal.Signals(interrupt.requested()).name
     return {"status": "interrupted", "epochs_run": done,
             "error": f"{name} {where}; resume with: hsci train resume={run_dir}"}
-
-
-def check_values(cfg: DictConfig) -> None:
-    """Refuse values that compose but cannot train, and keys left without a value, before any work."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise UserError(f"{', '.join(missing)} must be set: add {' '.join(k + '=...' for k in missing)} to the command")
-    for key, ok, requirement in CHECKS:
-        value = OmegaConf.select(cfg, key, default="absent")
-        if value != "absent" and not ok(value):
-            raise UserError(f"{key}={value} is invalid: it must be {requirement}")
-
-
-def user_error(e: BaseException | None) -> UserError | None:
-    """The UserError behind `e`, if any: Hydra's instantiate wraps what a builder raises, and a DataLoader
-    worker's error comes back with its traceback in the message."""
-    while e is not None and not isinstance(e, UserError):
-        e = e.__cause__
-    if e is not None and "Traceback" in str(e):
-        return UserError(str(e).strip().splitlines()[-1].removeprefix("hsci.UserError: "))
-    return e
-
-
-def pick_device(name: str) -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; a named device must exist."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"trainer.device={name} is not a device ({e}): use auto, cpu, cuda, cuda:N or mps") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"trainer.device={name} but no CUDA device is visible: use trainer.device=auto or cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"trainer.device={name} but MPS is not available: use trainer.device=auto or cpu")
-    return device
-
-
-def check_loss(loss_fn: nn.Module, task: str) -> None:
-    """The loss must fit the dataset's task (a loss hsci does not know is trusted)."""
-    fits = LOSS_TASK.get(type(loss_fn), task)
-    if fits != task:
-        raise UserError(f"loss {type(loss_fn).__name__} is for {fits} tasks, but this dataset is a {task} task: "
-                        f"use loss={TASK_LOSS[task]}")
 
 
 def _now() -> str:

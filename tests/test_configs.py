@@ -9,7 +9,7 @@ from conftest import write_cifar, write_idx, write_imagefolder
 from hsci.cli import config_dir
 from hsci.data import Data
 from hsci.schema import Precision
-from hsci.train import check_loss
+from hsci.build import check_loss
 
 
 def options(group: str) -> list[str]:
@@ -28,7 +28,7 @@ def test_every_group_has_the_public_options():
 
 def test_default_config(cfg_of):
     cfg = cfg_of()
-    assert cfg.seed == 0 and cfg.trainer.device == "auto" and cfg.trainer.precision is Precision.fp32
+    assert cfg.seed == 0 and cfg.trainer.device == "auto" and cfg.trainer.precision is Precision.auto
     assert cfg.data._target_ == "hsci.data.digits" and cfg.model._target_ == "hsci.models.cnn"
     assert cfg.loss._target_ == "torch.nn.CrossEntropyLoss"
 

@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 
 from conftest import write_cifar, write_idx, write_imagefolder
 from hsci.loaders import input_fn
-from hsci.train import user_error
+from hsci import user_error
 
 
 def load(cfg_of, option, *overrides):

@@ -1,0 +1,107 @@
+"""`hsci bench [key=value ...]`: how fast will this config train on this machine?
+
+It times the composed config's own training step (hsci/train.py's `train_epoch`, with its model, loss,
+optimizer, precision, memory format and compile setting) on synthetic batches of the dataset's shape, so
+it needs no download; then, when the data is present, the loader's own throughput, and says which of the
+two bounds training."""
+
+import dataclasses
+import sys
+import time
+
+import torch
+from hydra.utils import instantiate
+
+from hsci import UserError, report, user_error
+from hsci.build import build, compose
+from hsci.data import Data, Tensors
+from hsci.loaders import make_loader, pick_loader
+from hsci.train import peak_memory_gb, reset_peak_memory, train_epoch, warm_up
+
+
+def main(args: list[str]) -> int:
+    try:
+        return run_bench(args)
+    except Exception as e:  # one line for the user, whatever went wrong
+        cause = user_error(e)
+        print(f"error: {cause or f'{type(e).__name__}: {e}'}", file=sys.stderr)
+        return 1
+
+
+def run_bench(args: list[str]) -> int:
+    opts = {k: int(v) for k, v in (a.split("=", 1) for a in args if a.split("=", 1)[0] in ("steps", "warmup"))}
+    cfg = compose([a for a in args if a.split("=", 1)[0] not in opts])
+    steps, warmup = opts.get("steps", 30), opts.get("warmup", 5)
+    try:
+        data, absent = instantiate(cfg.data), None
+    except Exception as e:
+        cause = user_error(e)
+        if cause is None:
+            raise
+        data, absent = None, str(cause)
+    p = build(cfg, data=synthetic(cfg, data, 2 * cfg.data.batch_size))
+    opt = instantiate(cfg.optimizer, params=p.model.parameters())
+    sched = instantiate(cfg.scheduler, opt=opt, epochs=1, steps_per_epoch=warmup + steps)
+    scaler = torch.amp.GradScaler(p.device.type, enabled=p.precision == "fp16")
+    x, y = (t[:cfg.data.batch_size].to(p.device) for t in (p.data.train.x, p.data.train.y))
+    compile_s = warm_up(p, cfg.data.batch_size) if cfg.trainer.compile else 0.0
+
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        train_epoch(p.model, [(x, y)] * n, opt, sched, scaler, p.loss_fn, p.to_input, p.amp, cfg.trainer.grad_clip,
+                    range(n), torch.zeros((), device=p.device), 0, n, lambda step, loss: None, 1)  # reads once, at the end
+        return time.perf_counter() - start
+
+    run(warmup)
+    reset_peak_memory(p.device)
+    seconds = run(steps)
+    step_rate = steps * len(x) / seconds
+    results = {"img_per_s": step_rate, "ms_per_step": 1000 * seconds / steps, "peak_mem_gb": peak_memory_gb(p.device)}
+    if compile_s:
+        results["compile_s"] = compile_s
+    where = f"{p.device}, {p.precision}, channels_last {p.channels_last}, batch {len(x)}, input {tuple(x.shape[1:])}"
+    report.metrics_table(f"training step ({where}), synthetic batches", results)
+    if data is None:
+        report.say(f"loader not measured: {absent}")
+        return 0
+    kind = pick_loader(data.loader, data, p.device)
+    loader = make_loader(data.train, data.batch_size, data.num_workers, p.device, train=True, seed=cfg.seed, kind=kind)
+    load_rate = loader_rate(loader, p.to_input, p.device, steps)
+    report.metrics_table(f"loader ({kind}, to model input on {p.device})", {"img_per_s": load_rate})
+    bound = "the loader" if load_rate < step_rate else "the training step"
+    report.say(f"bound by {bound}: loader {load_rate:,.0f} img/s, step {step_rate:,.0f} img/s"
+               + ("; try data.loader=gpu or more data.num_workers" if bound == "the loader" else ""))
+    return 0
+
+
+def synthetic(cfg, data: Data | None, n: int) -> Data:
+    """`n` random samples shaped as the dataset's (as its config declares them when the files are absent)."""
+    if data is None:
+        d = cfg.data
+        if "image_shape" in d:
+            shape, classes = tuple(d.image_shape), d.num_classes
+        elif "image_size" in d:  # an image folder: its classes are unknown without it
+            shape, classes = (d.channels, d.image_size, d.image_size), 10
+        else:
+            raise UserError(f"data: {d._target_} declares no image_shape/num_classes for a run without its files")
+        data = Data(None, None, None, "multiclass", shape, classes, d.batch_size, d.num_workers, d.loader,
+                    tuple(d.mean), tuple(d.std))
+    if data.mean is None:  # tables: standardised features
+        x = torch.randn(n, *data.input_shape)
+    else:
+        x = torch.randint(0, 256, (n, *data.input_shape), dtype=torch.uint8)
+    y = torch.randint(0, data.num_outputs, (n,)) if data.task == "multiclass" else torch.rand(n, 1)
+    split = Tensors(x, y)
+    return dataclasses.replace(data, train=split, val=split, test=split)
+
+
+def loader_rate(loader, to_input, device: torch.device, batches: int) -> float:
+    """Images per second the loader delivers as model input on `device`, after one batch of warm-up."""
+    it = iter(loader)
+    next(it)
+    start, n = time.perf_counter(), 0
+    for _, (x, _) in zip(range(batches), it):
+        out = to_input(x.to(device, non_blocking=True))
+        n += len(x)
+    out.sum().item()  # waits for the device
+    return n / (time.perf_counter() - start)
