@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from hsci import UserError, schema
+from hsci import UserError, report, schema
 from hsci.cli import config_dir, one_line
 from hsci.data import Data
 from hsci.loaders import input_fn, make_loader, pick_loader
@@ -26,6 +26,7 @@ LOSS_TASK = {nn.CrossEntropyLoss: "multiclass", nn.BCEWithLogitsLoss: "binary", 
 # Values that compose but cannot train: (key, test, what the value must be).
 CHECKS = [("seed", lambda v: v >= 0, "0 or more"), ("trainer.epochs", lambda v: v >= 1, "at least 1"),
           ("data.batch_size", lambda v: v >= 1, "at least 1"), ("optimizer.lr", lambda v: v > 0, "above 0"),
+          ("data.num_workers", lambda v: v == "auto" or isinstance(v, int) and v >= 0, "auto or 0 or more"),
           ("data.val_fraction", lambda v: 0 < v < 1, "between 0 and 1"),
           ("data.test_fraction", lambda v: 0 < v < 1, "between 0 and 1"),
           ("data.loader", lambda v: v in ("auto", "torch", "gpu"), "auto, torch or gpu"),
@@ -80,6 +81,9 @@ def build(cfg: DictConfig, data: Data | None = None) -> Parts:
     if t.compile:
         model.compile(mode="max-autotune" if t.compile == "max-autotune" else None)
     pretrained = getattr(model, "pretrained_input", {})  # the resize and normalisation the weights expect
+    if pretrained:
+        report.say(f"pretrained weights: inputs resized to {pretrained['size']} px and normalised with the "
+                   "weights' mean/std")
     to_input = input_fn(**{"mean": data.mean, "std": data.std, **pretrained}, device=device,
                         channels_last=channels_last)
     precision = t.precision.value

@@ -6,6 +6,8 @@ import itertools
 import sys
 from pathlib import Path
 
+from hsci import interrupt
+
 VERBS = {
     "train": "train, validate every epoch, test the best checkpoint: hsci train [key=value ...]; "
              "sweeps: hsci train -m key=a,b; resume: hsci train resume=<run dir>|latest",
@@ -71,6 +73,10 @@ def train(args: list[str]) -> int:
         changes = [a for a in args if "=" in a and not a.startswith(("resume=", "hydra.", "-"))]
         args = [a for a in args if a not in changes and not a.startswith("resume=")]
         args += [f"resume={_quote(str(run))}", f"hydra.run.dir={_quote(str(run))}", "hydra.output_subdir=null"]
+    fixed = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")), None)
+    if resume is None and fixed and (Path(fixed.strip("'\"")) / "summary.json").exists():
+        return fail(f"hydra.run.dir={fixed} already holds a run: continue it with resume={fixed}, or choose a new "
+                    "directory", 2)
     held = _HeldStderr(sys.stderr)
 
     def task(cfg) -> None:
@@ -82,7 +88,8 @@ def train(args: list[str]) -> int:
     sys.argv = ["hsci train", *args]  # Hydra reads its arguments from sys.argv
     sys.stderr = held
     try:
-        _hydra_app(task)()
+        with interrupt.caught():  # from the start: a signal while starting up is recorded, not lost
+            _hydra_app(task)()
     except SystemExit as e:
         if held.holding and e.code:  # Hydra refused the config: one line instead of its report
             report = held.text()

@@ -173,10 +173,19 @@ def imagefolder(root: str, image_size: int, channels: int, val_fraction: float, 
         raise UserError(f"data=imagefolder: {train_dir} has no class folders; put each class's images in "
                         f"{train_dir}/<class>/")
     class_to_idx = {c: i for i, c in enumerate(classes)}
-    samples = {split: make_dataset(str(root_dir / split), class_to_idx, IMG_EXTENSIONS, allow_empty=True)
-               for split in ("train", "val", "test") if (root_dir / split).is_dir()}
-    if not samples["train"]:
-        raise UserError(f"data=imagefolder: no images ({', '.join(IMG_EXTENSIONS)}) under {train_dir}/<class>/")
+    samples = {}
+    for split in ("train", "val", "test"):
+        folder = root_dir / split
+        if not folder.is_dir():
+            continue
+        strangers = sorted({d.name for d in folder.iterdir() if d.is_dir()} - set(classes))
+        if strangers:
+            raise UserError(f"data=imagefolder: {folder} has class folders that train/ lacks ({', '.join(strangers)}): "
+                            "every class needs training images")
+        samples[split] = make_dataset(str(folder), class_to_idx, IMG_EXTENSIONS, allow_empty=True)
+        if not samples[split]:
+            raise UserError(f"data=imagefolder: no images ({', '.join(IMG_EXTENSIONS)}) under {folder}/<class>/: "
+                            "add some, or remove the folder to carve this split from train/")
     train = samples["train"]
     if "test" not in samples:
         rest, held = _split([label for _, label in train], test_fraction, split_seed)

@@ -63,6 +63,8 @@ def evaluate(model: nn.Module, loader: DataLoader, data: Data, loss_fn: nn.Modul
         metrics.update(*_predictions(out.float(), y, data))
         if interrupt.requested():
             return None
+    if n == 0:
+        raise UserError("nothing to evaluate: the split is empty")
     return {"loss": (loss_sum / n).item(), **{k: v.item() for k, v in metrics.compute().items()}}
 
 
@@ -100,6 +102,9 @@ def run_eval(args: list[str]) -> int:
                             "run directory under outputs/ or run=latest")
         cfg = rundir.load_config(run, changes, ("data.", "trainer."), "eval")
         checkpoint, out = run / "checkpoints" / "best.pt", run / f"eval_{split}.json"
+        if not checkpoint.exists():
+            raise UserError(f"run={opts['run']}: {run} has no checkpoints/best.pt yet (no epoch finished): "
+                            f"resume it with hsci train resume={run}")
     else:
         cfg, checkpoint, out = compose(changes), Path(opts["checkpoint"]).resolve(), None
     state = rundir.load_checkpoint(checkpoint)

@@ -8,7 +8,7 @@ import math
 from typing import Callable
 
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 
 def none(opt: Optimizer, epochs: int, steps_per_epoch: int, warmup_epochs: float) -> LRScheduler:
@@ -38,15 +38,20 @@ def step(opt: Optimizer, epochs: int, steps_per_epoch: int, warmup_epochs: float
 
 def onecycle(opt: Optimizer, epochs: int, steps_per_epoch: int, warmup_epochs: float, div_factor: float,
              final_div_factor: float) -> LRScheduler:
-    """torch's one-cycle policy, peaking at the optimizer's rate.
+    """The one-cycle policy: a linear warm-up from lr / div_factor to the optimizer's rate, then cosine
+    decay to lr / (div_factor * final_div_factor). The warm-up is `warmup_epochs` long, or 30% of the run
+    when 0 (torch's OneCycleLR default). Momentum is left as the optimizer has it."""
+    total = epochs * steps_per_epoch
+    warmup = round(warmup_epochs * steps_per_epoch) if warmup_epochs else round(0.3 * total)
+    start, end = 1 / div_factor, 1 / (div_factor * final_div_factor)
+    span = max(1, total - warmup)
 
-    Its rising phase is the warm-up: `warmup_epochs` long, or torch's 30% of the run when 0. Momentum
-    is left as the optimizer has it.
-    """
-    pct = min(0.99, warmup_epochs / epochs) if warmup_epochs else 0.3
-    return OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=epochs * steps_per_epoch,
-                      pct_start=pct, div_factor=div_factor, final_div_factor=final_div_factor,
-                      cycle_momentum=False)
+    def factor(i: int) -> float:
+        if i < warmup:
+            return start + (1 - start) * i / warmup
+        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warmup) / span)))
+
+    return LambdaLR(opt, factor)
 
 
 def _warmup(steps: int, after: Callable[[int], float]) -> Callable[[int], float]:

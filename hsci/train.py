@@ -25,12 +25,15 @@ from torch.utils.data import default_collate
 
 import hsci
 from hsci import UserError, interrupt, report, rundir, user_error
-from hsci.build import Parts, build
+from hsci.build import Parts, build, check_values, pick_device
 from hsci.evaluate import evaluate, make_metrics, monitor
 from hsci.loaders import Timed, start_epoch
 
 # What a resumed run may change: where the data lives and how the loop runs, never the experiment.
 RESUMABLE = ("trainer.", "data.root", "data.download", "data.num_workers")
+# What summary.json says of a run's outcome: cleared when a resume sets it running again.
+RESULTS = ("error", "device", "precision", "channels_last", "loader", "compile_s", "startup_s", "epochs_run",
+           "monitor", "mode", "best_epoch", "best_val", "test")
 
 
 class Diverged(Exception):
@@ -51,30 +54,29 @@ def main(cfg: DictConfig, changes: list[str] = ()) -> None:
         summary = {"name": cfg.name, "run_dir": str(run_dir), "seed": cfg.seed,
                    "overrides": list(hydra_cfg.overrides.task), "started": _now(),
                    "versions": rundir.versions(), "git_commit": rundir.git_commit(Path(hydra_cfg.runtime.cwd))}
-    if interrupt.requested():  # a sweep that was stopped starts no further jobs
-        summary |= {"status": "interrupted", "error": "not started: the sweep was interrupted"}
+    if interrupt.requested():  # stopped before training began (or a sweep that was stopped: no further jobs)
+        summary |= {"status": "interrupted", "error": "not started: a stop signal came first"}
         rundir.write_json(run_dir / "summary.json", summary)
         return finish(summary, hydra_cfg)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     rundir.write_atomic(run_dir / ".hydra" / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(config).encode()))
-    summary |= {"status": "running", "error": None}
+    summary = {k: v for k, v in summary.items() if k not in RESULTS} | {"status": "running", "error": None}
     rundir.write_json(run_dir / "summary.json", summary)
     start = time.time()
-    with interrupt.caught():
-        try:
-            summary |= train(cfg, config, run_dir, state)
-        except Diverged as e:
-            summary |= {"status": "diverged", "error": str(e)}
-        except KeyboardInterrupt:  # a second Ctrl-C: out at once, the last checkpoint stays
-            summary |= {"status": "interrupted", "error": f"stopped at once; resume with hsci train resume={run_dir}"}
-        except Exception as e:
-            cause = user_error(e)
-            error = str(cause) if cause else f"{type(e).__name__}: {e} (traceback in {run_dir / 'train.log'})"
-            report.log.exception(error)
-            summary |= {"status": "failed", "error": error}
-        finally:
-            summary["duration_s"] = round(summary.get("duration_s", 0) + time.time() - start, 3)
-            rundir.write_json(run_dir / "summary.json", summary)
+    try:
+        summary |= train(cfg, config, run_dir, state)
+    except Diverged as e:
+        summary |= {"status": "diverged", "error": str(e)}
+    except KeyboardInterrupt:  # a second Ctrl-C: out at once, the last checkpoint stays
+        summary |= {"status": "interrupted", "error": f"stopped at once; resume with hsci train resume={run_dir}"}
+    except Exception as e:
+        cause = user_error(e)
+        error = str(cause) if cause else f"{type(e).__name__}: {e} (traceback in {run_dir / 'train.log'})"
+        report.log.exception(error)
+        summary |= {"status": "failed", "error": error}
+    finally:
+        summary["duration_s"] = round(summary.get("duration_s", 0) + time.time() - start, 3)
+        rundir.write_json(run_dir / "summary.json", summary)
     finish(summary, hydra_cfg)
 
 
@@ -83,7 +85,10 @@ def finish(summary: dict, hydra_cfg) -> None:
     if summary["status"] == "completed":
         return report.final(summary)
     status = summary["status"]
-    report.error(summary["error"] if status == "failed" else f"run {status}: {summary['error']}")
+    message = summary["error"] if status == "failed" else f"run {status}: {summary['error']}"
+    if status != "failed":  # a failure was logged with its traceback
+        report.log.error(message)
+    report.error(message)
     if hydra_cfg.mode == RunMode.RUN:
         sys.exit({signal.SIGINT: 130, signal.SIGTERM: 143}.get(interrupt.requested(), 1))
 
@@ -98,9 +103,17 @@ def reopen(run_dir: Path, changes: list[str]) -> tuple[DictConfig, dict | None, 
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         summary = {"name": cfg.name, "run_dir": str(run_dir), "seed": cfg.seed}
-    if summary.get("status") == "completed" and state and state["epoch"] >= cfg.trainer.epochs:
-        raise UserError(f"resume: {run_dir} already completed its {state['epoch']} epochs; raise trainer.epochs "
-                        "to train it further")
+    check_values(cfg)  # nothing in the run directory changes for a resume that cannot go on
+    pick_device(cfg.trainer.device)
+    if summary.get("status") == "completed" and state:
+        patience = cfg.trainer.early_stop_patience
+        if state["epoch"] >= cfg.trainer.epochs:
+            raise UserError(f"resume: {run_dir} already completed its {state['epoch']} epochs; raise trainer.epochs "
+                            "to train it further")
+        if patience and state["stale"] >= patience:
+            raise UserError(f"resume: {run_dir} stopped early after epoch {state['epoch']} ({state['stale']} epochs "
+                            "without a better validation metric); raise trainer.early_stop_patience (or set it to "
+                            "null) to train it further")
     summary["resumed"] = summary.get("resumed", []) + [{"at": _now(), "epoch": state["epoch"] if state else 0,
                                                         "step": state["step"] if state else 0, "changes": changes}]
     return cfg, state, summary
@@ -123,8 +136,8 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
     at = {"epoch": 0, "step": 0, "loss_sum": 0.0, "seen": 0, "best_record": {}, "stale": 0}
     if state:
         at = restore(state, model, opt, sched, scaler, run_dir / "checkpoints" / "last.pt")
-        rundir.keep_epochs(run_dir / "metrics.jsonl", at["epoch"])
         report.say(f"resuming at epoch {at['epoch'] + 1}, step {at['step']}")
+    rundir.keep_epochs(run_dir / "metrics.jsonl", at["epoch"])  # a resumed run redoes what came after
     compile_s = warm_up(p, data.batch_size) if t.compile else 0.0
     setup = {"device": str(device), "precision": p.precision, "channels_last": p.channels_last, "loader": p.loader,
              "compile_s": round(compile_s, 3), "startup_s": round(time.time() - hsci.STARTED, 3)}
@@ -145,25 +158,25 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
         if t.early_stop_patience and stale >= t.early_stop_patience:
             report.say(f"early stop: no better {key} for {stale} epochs")
             break
-        first = at["step"] if epoch == at["epoch"] + 1 else 0
+        first = min(at["step"], steps) if epoch == at["epoch"] + 1 else 0  # trainer.limit_batches may have shrunk
         loss_sum = torch.tensor(at["loss_sum"] if first else 0.0, device=device)
         seen = seen_before = at["seen"] if first else 0
         start_epoch(p.train_loader, epoch, first)
         batches, todo = Timed(p.train_loader), range(first, steps)
         reset_peak_memory(device)
-        start = time.perf_counter()
+        lr, start = opt.param_groups[0]["lr"], time.perf_counter()
         with report.epoch_progress(epoch, t.epochs, todo, data.batch_size, t.log_every) as progress:
             loss_sum, seen, step = train_epoch(model, batches, opt, sched, scaler, p.loss_fn, p.to_input, p.amp,
                                                t.grad_clip, todo, loss_sum, seen, t.log_every, progress, epoch)
         epoch_s = time.perf_counter() - start
-        val = evaluating(p.val_loader) if step == steps else None
+        val = None if interrupt.requested() else evaluating(p.val_loader)
         if val is None:  # a stop signal: save the exact point reached
             rundir.save_checkpoint(run_dir / "checkpoints" / "last.pt", checkpoint(done, step, loss_sum.item(), seen))
             return setup | stopped(run_dir, done, f"at epoch {epoch}, step {step}")
         if not math.isfinite(val["loss"]):
             raise Diverged(f"the validation loss is {val['loss']} after epoch {epoch}: {DIVERGED_HINT}")
         record = {"epoch": epoch, "train_loss": loss_sum.item() / steps, **{f"val_{k}": v for k, v in val.items()},
-                  "lr": opt.param_groups[0]["lr"], "epoch_s": epoch_s, "train_img_per_s": (seen - seen_before) / epoch_s,
+                  "lr": lr, "epoch_s": epoch_s, "train_img_per_s": (seen - seen_before) / epoch_s,
                   "data_wait_s": batches.wait_s, "max_mem_gb": peak_memory_gb(device)}
         rundir.append_jsonl(run_dir / "metrics.jsonl", record)
         report.epoch_row(record, first=epoch == 1)

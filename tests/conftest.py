@@ -30,7 +30,8 @@ def cfg_of():
 
 def hsci(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess, as a user would, with stdout a pipe (plain output)."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "", **(env or {})}
+    offline = {k: "http://127.0.0.1:9" for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
+    env = {**os.environ, "HYDRA_FULL_ERROR": "", **offline, **(env or {})}  # no downloads, network or not
     return subprocess.run([sys.executable, "-m", "hsci", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)
 

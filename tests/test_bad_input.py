@@ -3,6 +3,7 @@ run directory that looks like a finished run. Untrusted checkpoints never run co
 
 import os
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,30 @@ def empty_imagefolder(root: Path) -> list[str]:
     return [f"data.root={root}"]
 
 
+def class_without_images(root: Path) -> list[str]:
+    (root / "train" / "cat").mkdir(parents=True)
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    return [f"data.root={root}"]
+
+
+def empty_val(root: Path) -> list[str]:
+    write_imagefolder(root, per_class=4)
+    (root / "val").mkdir()
+    return [f"data.root={root}"]
+
+
+def stranger_class(root: Path) -> list[str]:
+    write_imagefolder(root, splits=("train", "val"), per_class=4)
+    (root / "val" / "wolf").mkdir()
+    return [f"data.root={root}"]
+
+
+def text_as_last_pt(finished: Path, where: Path) -> Path:
+    run = broken_run(finished, where)
+    (run / "checkpoints" / "last.pt").write_text("epoch,loss\n1,0.5\n")
+    return run
+
+
 def outputs_is_a_file(cwd: Path) -> list[str]:
     (cwd / "outputs").write_text("not a folder")
     return []
@@ -78,17 +103,41 @@ CASES = {
     "run directory that does not exist (resume)": (["train", "resume=/no/such/run"], None,
                                                    "/no/such/run is not a run directory"),
     "run directory that does not exist (eval)": (["eval", "run=/no/such/run"], None, "holds no hsci run"),
+    "class folders with no images": (["train", "data=imagefolder"], lambda tmp, run: class_without_images(tmp),
+                                     "no images"),
+    "an empty val/ folder": (["train", "data=imagefolder"], lambda tmp, run: empty_val(tmp), "val/<class>/"),
+    "a class in val/ that train/ lacks": (["train", "data=imagefolder"], lambda tmp, run: stranger_class(tmp),
+                                          "has class folders that train/ lacks (wolf)"),
+    "truncated checkpoint to eval": (["eval", "model=cnn"],
+                                     lambda tmp, run: [f"checkpoint={broken_run(run, tmp) / 'checkpoints' / 'last.pt'}"],
+                                     "is not a readable checkpoint"),
+    "non-checkpoint file to resume": (["train"], lambda tmp, run: [f"resume={text_as_last_pt(run, tmp)}"],
+                                      "is not a readable checkpoint"),
+    "a run directory given as hydra.run.dir": (["train"], lambda tmp, run: [f"hydra.run.dir={run}"],
+                                               "already holds a run: continue it with resume="),
     "output folder that cannot be written": (["train", "experiment=smoke"],
                                              lambda tmp, run: outputs_is_a_file(tmp),
                                              "cannot create the run directory"),
 }
 
 
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory, finished) -> dict:
+    """Every case run once, two at a time (each is a process start, mostly importing torch)."""
+
+    def run(case: str):
+        args, setup, _ = CASES[case]
+        cwd = tmp_path_factory.mktemp(case.replace(" ", "_").replace("/", "_")[:40])
+        return cwd, hsci(*args, *(setup(cwd, finished) if setup else []), cwd=cwd)
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(CASES, pool.map(run, CASES)))
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_fails_in_one_clear_line(case, tmp_path, finished):
-    args, setup, expected = CASES[case]
-    extra = setup(tmp_path, finished) if setup else []
-    result = hsci(*args, *extra, cwd=tmp_path)
+def test_bad_input_fails_in_one_clear_line(case, outcomes):
+    tmp_path, result = outcomes[case]
+    expected = CASES[case][2]
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
@@ -131,8 +180,10 @@ def test_a_checkpoint_that_would_run_code_is_refused_by_eval_and_resume(tmp_path
     run = broken_run(finished, tmp_path)
     os.replace(evil, run / "checkpoints" / "last.pt")
     evil = run / "checkpoints" / "last.pt"
-    for args in (["eval", f"checkpoint={evil}", "model=cnn"], ["train", f"resume={run}"]):
-        result = hsci(*args, cwd=tmp_path)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda args: hsci(*args, cwd=tmp_path),
+                                (["eval", f"checkpoint={evil}", "model=cnn"], ["train", f"resume={run}"])))
+    for result in results:
         assert result.returncode == 1
         [line] = result.stderr.strip().splitlines()
         assert f"refusing {evil}" in line and "could run code" in line

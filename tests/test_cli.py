@@ -2,6 +2,10 @@
 
 import csv
 import json
+import os
+import pty
+import re
+import select
 import subprocess
 import sys
 
@@ -177,3 +181,30 @@ def test_pretrained_resnet_uses_the_weights_resize_and_normalisation(tmp_path):
     missing = hsci("train", "model=resnet18", "model.pretrained=true", "experiment=smoke", cwd=tmp_path,
                    env={"TORCH_HOME": str(tmp_path / "empty")})
     assert missing.returncode == 1 and "could not get the resnet18 ImageNet weights" in missing.stderr
+
+
+def test_a_terminal_gets_the_config_tree_progress_bars_and_tables(tmp_path):
+    main, child = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"}
+    proc = subprocess.Popen([sys.executable, "-m", "hsci", "train", "experiment=smoke"], cwd=tmp_path,
+                            stdin=child, stdout=child, stderr=child, env=env)
+    os.close(child)
+    out = b""
+    while True:
+        ready, _, _ = select.select([main], [], [], 120)
+        try:
+            chunk = os.read(main, 65536) if ready else b""
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(main)
+    assert proc.wait(timeout=60) == 0
+    styled = out.decode(errors="replace")
+    assert "\x1b[" in styled  # styled, as a terminal should be
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", styled)
+    assert "├── trainer" in text and "epochs: 2" in text  # the config tree
+    assert "━" in text and "3/3" in text  # a progress bar per epoch
+    assert "epoch   train val_loss" in text  # the epoch table's header row
+    assert "┏" in text and "test split, best checkpoint" in text  # the final table

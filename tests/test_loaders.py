@@ -129,6 +129,7 @@ def test_bench_without_the_data_uses_the_declared_shape(tmp_path):
     assert "input (3, 32, 32)" in result.stdout and "loader not measured: data=cifar10: missing" in result.stdout
 
 
+@pytest.mark.slow
 def test_resume_is_exact_on_the_gpu_loader_too(tmp_path):
     args = ["data=fake", "data.loader=gpu", "data.random_crop_padding=2", "data.horizontal_flip=true",
             "trainer.epochs=4", "trainer.limit_batches=6", "model=mlp", "data.train_size=4096"]

@@ -111,9 +111,59 @@ def test_extending_a_finished_run(reference, tmp_path):
     assert result.returncode == 0, result.stderr
     assert [r["epoch"] for r in records(run)] == list(range(1, 9))
     assert summary_of(run)["epochs_run"] == 8
-    changed = hsci("train", f"resume={run}", "trainer.epochs=12", "optimizer.lr=0.5", cwd=tmp_path)
-    assert changed.returncode == 1 and "optimizer.lr=0.5 would change the experiment" in changed.stderr
-    assert summary_of(run)["status"] == "completed"  # a refused resume leaves the run as it was
+    before = {p: (run / p).read_bytes() for p in ("summary.json", ".hydra/config.yaml", "metrics.jsonl")}
+    for change, why in [("optimizer.lr=0.5", "optimizer.lr=0.5 would change the experiment"),
+                        ("data.num_workers=-1", "data.num_workers=-1 is invalid")]:
+        refused = hsci("train", f"resume={run}", "trainer.epochs=12", change, cwd=tmp_path)
+        assert refused.returncode == 1 and why in refused.stderr
+    assert before == {p: (run / p).read_bytes() for p in before}  # a refused resume leaves the run as it was
+
+
+@pytest.mark.slow
+def test_an_early_stopped_run_is_extended_only_with_more_patience(tmp_path):
+    args = ["experiment=smoke", "trainer.epochs=10", "optimizer.lr=1e-30", "trainer.early_stop_patience=1"]
+    assert hsci("train", *args, cwd=tmp_path).returncode == 0
+    [run] = run_dirs(tmp_path)
+    assert summary_of(run)["epochs_run"] == 2
+    refused = hsci("train", f"resume={run}", "trainer.epochs=20", cwd=tmp_path)
+    assert refused.returncode == 1 and "stopped early after epoch 2" in refused.stderr
+    assert hsci("train", f"resume={run}", "trainer.early_stop_patience=2", cwd=tmp_path).returncode == 0
+    assert summary_of(run)["epochs_run"] == 3 and [r["epoch"] for r in records(run)] == [1, 2, 3]
+
+
+def test_a_second_ctrl_c_quits_at_once_and_a_signal_during_startup_is_recorded(tmp_path):
+    proc = start(EXPERIMENT, tmp_path)
+    run = wait_for_training(tmp_path, proc)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 130 and summary_of(run)["status"] == "interrupted"
+    torch.load(run / "checkpoints" / "last.pt", weights_only=True)  # the last complete checkpoint stays
+    early = tmp_path / "early"
+    early.mkdir()
+    proc = start(["experiment=smoke"], early)
+    while not list((early / "outputs").glob("*/*/.hydra")):  # the run directory exists, torch still loading
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    [run] = run_dirs(early)
+    assert summary_of(run)["status"] == "interrupted" and "not started" in summary_of(run)["error"]
+
+
+@pytest.mark.slow
+def test_resume_after_limit_batches_shrank_below_the_step_reached(tmp_path):
+    args = ["trainer.epochs=3", "trainer.log_every=1"]
+    proc = start(args, tmp_path)
+    run = wait_for_training(tmp_path, proc)
+    while "epoch 2/3 step 20/" not in (run / "train.log").read_text():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] >= 20
+    result = hsci("train", f"resume={run}", "trainer.limit_batches=5", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [r["epoch"] for r in records(run)] == [1, 2, 3]
 
 
 def test_eval_reproduces_the_summary_exactly(reference, tmp_path):
@@ -155,6 +205,18 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_p
     assert len(records(run)) == 1
 
 
+@pytest.mark.slow
+def test_a_sweep_with_a_diverging_job_records_it_and_exits_non_zero(tmp_path):
+    result = hsci("train", "-m", "experiment=smoke", "trainer.epochs=3", "optimizer=sgd", "optimizer.lr=0.01",
+                  "scheduler=step", "scheduler.step_epochs=1", "scheduler.gamma=1.0,1e12", cwd=tmp_path)
+    assert result.returncode == 1 and "1 of 2 jobs did not complete" in result.stderr
+    [sweep] = (tmp_path / "outputs" / "multirun").glob("*/*")
+    jobs = json.loads((sweep / "sweep_summary.json").read_text())["jobs"]
+    assert [job["status"] for job in jobs] == ["completed", "diverged"]
+    assert "gamma=1000000000000.0" in jobs[1]["overrides"] and "at epoch 2" in jobs[1]["error"]
+
+
+@pytest.mark.slow
 def test_an_interrupted_sweep_records_every_job_and_exits_non_zero(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "hsci", "train", "-m", "trainer.epochs=30", "seed=0,1,2"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -10,8 +10,8 @@ from hsci.loaders import input_fn
 from hsci.train import train_epoch
 
 
-@pytest.mark.parametrize("data, model", [("digits", "cnn"), ("digits", "resnet18"), ("breast_cancer", "mlp"),
-                                         ("diabetes", "mlp")])
+@pytest.mark.parametrize("data, model", [("digits", "cnn"), pytest.param("digits", "resnet18", marks=pytest.mark.slow),
+                                         ("breast_cancer", "mlp"), ("diabetes", "mlp")])
 def test_loss_falls_when_overfitting_one_batch(cfg_of, data, model):
     torch.manual_seed(0)
     cfg = cfg_of(f"data={data}", f"model={model}", "scheduler=none")
