@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from hsci.bench import synthetic
 from hsci.build import build, compose
 from hsci.data import CropFlip, Tensors
-from hsci.loaders import make_loader
+from hsci.loaders import make_loader, start_epoch
 from hsci.train import train_epoch
 
 
@@ -90,7 +90,7 @@ def loaders(cfg, n_images: int, batches: int, rounds: int, workers: int) -> dict
     rates = {name: [] for name in paths}
     for epoch in range(rounds + 1):  # the first round warms up (worker start, allocator)
         for name, loader in paths.items():
-            (loader if name.startswith("gpu") else loader.sampler).set_epoch(epoch + 1)
+            start_epoch(loader, epoch + 1)
             start, n = time.perf_counter(), 0
             for _, (xb, _) in zip(range(batches), loader):
                 out = p.to_input(xb.to(p.device, non_blocking=True))

@@ -58,16 +58,37 @@ class CropFlip:
     padding: int
     flip: bool
 
-    def __call__(self, x: torch.Tensor, rng: random.Random) -> torch.Tensor:
-        """One uint8 (C, H, W) image; all randomness comes from `rng`, so the sample's seed fixes it."""
+    def draw(self, seed: int) -> tuple[int, int, bool]:
+        """The crop's row and column offsets and the flip for the sample with this seed."""
+        rng = random.Random(seed)
+        span = 2 * self.padding + 1
+        return rng.randrange(span), rng.randrange(span), self.flip and rng.random() < 0.5
+
+    def __call__(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        """One uint8 (C, H, W) image."""
         h, w = x.shape[-2:]
+        i, j, flip = self.draw(seed)
         if self.padding:
             p = self.padding
-            i, j = rng.randrange(2 * p + 1), rng.randrange(2 * p + 1)
             x = F.pad(x, (p, p, p, p))[:, i:i + h, j:j + w]
-        if self.flip and rng.random() < 0.5:
-            x = x.flip(-1)
-        return x
+        return x.flip(-1) if flip else x
+
+    def batch(self, x: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """A uint8 batch (B, C, H, W), sample b as `self(x[b], seeds[b])` would make it, in a few tensor ops."""
+        draws = torch.tensor([self.draw(seed) for seed in seeds], device=x.device)  # (B, 3)
+        return crop_flip(x, self.padding, draws[:, :2], draws[:, 2].bool())
+
+
+def crop_flip(x: torch.Tensor, padding: int, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """A whole uint8 batch (B, C, H, W) on its device: sample b cropped at row offsets[b, 0] and column
+    offsets[b, 1] of the image zero-padded by `padding`, then mirrored where flips[b]."""
+    b, _, h, w = x.shape
+    if padding:
+        padded = F.pad(x, (padding, padding, padding, padding))
+        rows = (offsets[:, :1] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
+        cols = (offsets[:, 1:] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
+        x = padded[torch.arange(b, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
+    return torch.where(flips[:, None, None, None], x.flip(-1), x)
 
 
 class Tensors(Dataset):
@@ -84,7 +105,14 @@ class Tensors(Dataset):
     def __len__(self) -> int:
         return len(self.x)
 
-    def __getitem__(self, key: int | tuple[int, int]):
+    def __getitem__(self, key: int | tuple[int, int] | list):
+        """One sample; or, for a list of keys, the whole batch with one gather, as the samples one by one
+        would stack up (hsci/loaders.py fetches in-memory sets this way)."""
+        if isinstance(key, list):
+            if key and isinstance(key[0], tuple):
+                idx, seeds = map(list, zip(*key))
+                return (self.augment.batch(self.x[idx], seeds) if self.augment else self.x[idx]), self.y[idx]
+            return self.x[key], self.y[key]
         i, seed = key if isinstance(key, tuple) else (key, None)
         return _augmented(self.x[i], self.augment, seed), self.y[i]
 
@@ -115,7 +143,7 @@ def _augmented(x: torch.Tensor, augment: CropFlip | None, seed: int | None) -> t
         return x
     if seed is None:  # indexed directly, outside hsci's sampler: draw from torch's generator
         seed = int(torch.randint(2**62, ()))
-    return augment(x, random.Random(seed))
+    return augment(x, seed)
 
 
 def digits(test_fraction: float, **common) -> Data:

@@ -10,37 +10,38 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from hsci import UserError
+from hsci.data import Tensors, crop_flip
 
 
 class EpochSampler(Sampler):
-    """The training order: a permutation, and a seed per sample, that are functions of (run seed, epoch).
+    """The training batches: a permutation, and a seed per sample, that are functions of (run seed, epoch).
 
     So a run restarted at any epoch and batch sees exactly the data it would have seen, with any number
-    of worker processes. Datasets with an `augment` attribute (hsci's own) receive (index, seed) keys.
+    of worker processes. Yields lists of keys: indices, or (index, seed) pairs for datasets that augment.
     """
 
-    def __init__(self, n: int, seed: int, with_seeds: bool):
-        self.n, self.seed, self.with_seeds = n, seed, with_seeds
-        self.epoch, self.start = 1, 0
+    def __init__(self, n: int, batch_size: int, drop_last: bool, seed: int, with_seeds: bool):
+        self.n, self.batch_size, self.drop_last, self.seed, self.with_seeds = n, batch_size, drop_last, seed, with_seeds
+        self.epoch, self.first = 1, 0
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Serve `epoch`'s order from its `start`-th sample on (a resumed epoch skips what it has done)."""
-        self.epoch, self.start = epoch, start
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        """Serve `epoch`'s batches from its `first_batch` on (a resumed epoch skips what it has done)."""
+        self.epoch, self.first = epoch, first_batch
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return (self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)) - self.first
 
-    def __iter__(self) -> Iterator:
+    def __iter__(self) -> Iterator[list]:
         entropy = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0]
         g = torch.Generator().manual_seed(int(entropy))
-        order = torch.randperm(self.n, generator=g)[self.start:].tolist()
-        if not self.with_seeds:
-            return iter(order)
-        seeds = torch.randint(2**62, (self.n,), generator=g)[self.start:].tolist()
-        return iter(zip(order, seeds))
+        keys = torch.randperm(self.n, generator=g).tolist()
+        if self.with_seeds:
+            keys = list(zip(keys, torch.randint(2**62, (self.n,), generator=g).tolist()))
+        for b in range(self.first, self.first + len(self)):
+            yield keys[b * self.batch_size:(b + 1) * self.batch_size]
 
 
 class DeviceLoader:
@@ -57,8 +58,8 @@ class DeviceLoader:
         self.drop_last = train and len(self.x) > batch_size
         self.epoch, self.start = 1, 0
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        self.epoch, self.start = epoch, first_batch * self.batch_size
 
     def __len__(self) -> int:
         n = len(self.x) - self.start
@@ -83,18 +84,6 @@ class DeviceLoader:
             yield x, self.y[batch]
 
 
-def crop_flip(x: torch.Tensor, padding: int, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-    """`CropFlip` for a whole uint8 batch (B, C, H, W) on its device: sample b is cropped at row offsets[b, 0]
-    and column offsets[b, 1] of the zero-padded image, then mirrored where flips[b]."""
-    b, _, h, w = x.shape
-    if padding:
-        padded = F.pad(x, (padding, padding, padding, padding))
-        rows = (offsets[:, :1] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
-        cols = (offsets[:, 1:] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
-        x = padded[torch.arange(b, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
-    return torch.where(flips[:, None, None, None], x.flip(-1), x)
-
-
 def pick_loader(choice: str, data, device: torch.device) -> str:
     """`gpu` or `torch` for data.loader=`choice`; `auto` takes gpu on CUDA when the set is held in memory and
     fits within a quarter of the device's free memory."""
@@ -112,22 +101,27 @@ def pick_loader(choice: str, data, device: torch.device) -> str:
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int | str, device: torch.device, *,
                 train: bool, seed: int, kind: str = "torch") -> DataLoader | DeviceLoader:
-    """A DeviceLoader for kind `gpu`; else a DataLoader, whose training one draws its order from an
-    `EpochSampler` and drops a ragged last batch."""
+    """A DeviceLoader for kind `gpu`; else a DataLoader whose training batches come from an `EpochSampler`
+    (a ragged last one dropped); an in-memory set is fetched a whole batch at a time."""
     if kind == "gpu":
         return DeviceLoader(dataset, batch_size, device, train=train, seed=seed)
     workers = min(8, os.cpu_count() or 1) if num_workers == "auto" else int(num_workers)
-    sampler = EpochSampler(len(dataset), seed, hasattr(dataset, "augment")) if train else None
-    return DataLoader(
-        dataset, batch_size, sampler=sampler, num_workers=workers,
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0, worker_init_fn=_worker_init,
-        drop_last=train and len(dataset) > batch_size,  # a batch of one breaks batch norm
-        generator=torch.Generator().manual_seed(seed))  # worker seeds; keeps the global generator untouched
+    drop_last = train and len(dataset) > batch_size  # a batch of one breaks batch norm
+    batches = (EpochSampler(len(dataset), batch_size, drop_last, seed, getattr(dataset, "augment", None) is not None)
+               if train else BatchSampler(SequentialSampler(dataset), batch_size, drop_last=False))
+    common = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
+              "worker_init_fn": _worker_init,
+              "generator": torch.Generator().manual_seed(seed)}  # worker seeds; the global generator stays untouched
+    if isinstance(dataset, Tensors):
+        return DataLoader(dataset, batch_size=None, sampler=batches, **common)
+    return DataLoader(dataset, batch_sampler=batches, **common)
 
 
 def start_epoch(loader: DataLoader | DeviceLoader, epoch: int, first_batch: int = 0) -> None:
     """Point a training loader at `epoch`, from its `first_batch` on."""
-    (loader if isinstance(loader, DeviceLoader) else loader.sampler).set_epoch(epoch, first_batch * loader.batch_size)
+    if isinstance(loader, DataLoader):
+        loader = loader.batch_sampler or loader.sampler  # the EpochSampler, however the loader holds it
+    loader.set_epoch(epoch, first_batch)
 
 
 class Timed:

@@ -207,7 +207,7 @@ def train_epoch(model: nn.Module, loader, opt, sched, scaler, loss_fn: nn.Module
     """Run the training steps in `steps`; returns (loss sum, samples seen, steps done), fewer steps when a
     signal asks to stop. The loss stays on the device and is read every `log_every` steps."""
     model.train()
-    first_bad = torch.full((), -1, device=loss_sum.device)  # the first step whose loss was NaN or infinite
+    losses = torch.empty(steps.stop, device=loss_sum.device)  # kept to name the step that went NaN or infinite
     done = steps.start
     for step, (x, y) in zip(steps, loader):
         x, y = to_input(x.to(loss_sum.device, non_blocking=True)), y.to(loss_sum.device, non_blocking=True)
@@ -222,13 +222,13 @@ def train_epoch(model: nn.Module, loader, opt, sched, scaler, loss_fn: nn.Module
         opt.zero_grad(set_to_none=True)
         sched.step()
         loss_sum += loss.detach().float()
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+        losses[step] = loss.detach()
         seen, done = seen + len(y), step + 1
         reading = done % log_every == 0 or done == steps.stop or interrupt.requested()
         progress(step, loss_sum if reading else None)
-        if reading and first_bad.item() >= 0:
-            raise Diverged(f"the loss became {loss_sum.item()} at epoch {epoch}, step {first_bad.item() + 1}: "
-                           + DIVERGED_HINT)
+        if reading and not torch.isfinite(loss_sum):
+            bad = steps.start + int((~torch.isfinite(losses[steps.start:done])).nonzero()[0])
+            raise Diverged(f"the loss became {losses[bad].item()} at epoch {epoch}, step {bad + 1}: " + DIVERGED_HINT)
         if interrupt.requested():
             break
     return loss_sum, seen, done

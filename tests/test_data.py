@@ -155,3 +155,15 @@ def test_input_fn_normalises_uint8_on_the_device_and_adapts_to_pretrained_weight
     assert rgb.shape == (2, 3, 16, 16) and torch.allclose(rgb, torch.ones_like(rgb))
     table = torch.randn(4, 3)
     assert input_fn(None, None, torch.device("cpu"))(table) is table
+
+
+def test_a_batched_fetch_gives_the_same_samples_as_one_by_one(cfg_of, tmp_path):
+    write_cifar(tmp_path)
+    data = load(cfg_of, "cifar10", f"data.root={tmp_path}", "data.download=false")
+    keys = [(3, 11), (0, 2**61), (7, 5), (3, 12)]
+    x, y = data.train[keys]
+    for b, key in enumerate(keys):
+        one_x, one_y = data.train[key]
+        assert torch.equal(x[b], one_x) and int(y[b]) == int(one_y)
+    x, y = data.val[[4, 1]]
+    assert torch.equal(x[1], data.val[1][0])

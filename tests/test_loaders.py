@@ -150,3 +150,14 @@ def test_resume_is_exact_on_the_gpu_loader_too(tmp_path):
     a = torch.load(whole / "checkpoints" / "last.pt", weights_only=True)["model"]
     b = torch.load(cut / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a) and summary_of(cut)["test"] == summary_of(whole)["test"]
+
+
+@pytest.mark.slow
+def test_a_compiled_run_reports_compile_time_apart_and_evaluates_uncompiled(tmp_path):
+    result = hsci("train", "experiment=smoke", "trainer.compile=true", cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr
+    [run] = run_dirs(tmp_path)
+    summary = summary_of(run)
+    assert summary["compile_s"] > 0 and summary["status"] == "completed"
+    assert hsci("eval", f"run={run}", cwd=tmp_path).returncode == 0  # the checkpoint's keys are the model's own
+    assert json.loads((run / "eval_test.json").read_text())["metrics"] == summary["test"]
