@@ -90,7 +90,7 @@ def epoch_row(record: dict, first: bool) -> None:
 
 
 SHORT = {"train_loss": "train", "val_loss": "val_loss", "val_precision": "val_prec", "val_recall": "val_rec",
-         "epoch_s": "secs", "train_img_per_s": "img/s"}
+         "epoch_s": "secs", "train_img_per_s": "img/s", "data_wait_s": "wait_s", "max_mem_gb": "mem_gb"}
 
 
 def final(summary: dict) -> None:
