@@ -6,12 +6,9 @@ fixed `split_seed`, so every run of a dataset sees the same validation and test 
 """
 
 import logging
-import pickle
 import random
-import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -22,11 +19,11 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
-from torchvision.datasets.utils import download_and_extract_archive
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from hsci import UserError
+from hsci.datafiles import cifar, idx_files
 
 log = logging.getLogger("hsci")
 
@@ -157,22 +154,22 @@ def digits(test_fraction: float, **common) -> Data:
 
 def mnist(root: str, download: bool, **common) -> Data:
     """MNIST in torchvision's layout: <root>/MNIST/raw/*-ubyte."""
-    return _images("mnist", *_idx_files(datasets.MNIST, "mnist", root, download), **common)
+    return _images("mnist", *idx_files(datasets.MNIST, "mnist", root, download), **common)
 
 
 def fashion_mnist(root: str, download: bool, **common) -> Data:
     """Fashion-MNIST in torchvision's layout: <root>/FashionMNIST/raw/*-ubyte."""
-    return _images("fashion_mnist", *_idx_files(datasets.FashionMNIST, "fashion_mnist", root, download), **common)
+    return _images("fashion_mnist", *idx_files(datasets.FashionMNIST, "fashion_mnist", root, download), **common)
 
 
 def cifar10(root: str, download: bool, **common) -> Data:
     """CIFAR-10 in torchvision's layout: <root>/cifar-10-batches-py/."""
-    return _images("cifar10", *_cifar(datasets.CIFAR10, "cifar10", root, download, "labels"), **common)
+    return _images("cifar10", *cifar(datasets.CIFAR10, "cifar10", root, download, "labels"), **common)
 
 
 def cifar100(root: str, download: bool, **common) -> Data:
     """CIFAR-100 (fine labels) in torchvision's layout: <root>/cifar-100-python/."""
-    return _images("cifar100", *_cifar(datasets.CIFAR100, "cifar100", root, download, "fine_labels"), **common)
+    return _images("cifar100", *cifar(datasets.CIFAR100, "cifar100", root, download, "fine_labels"), **common)
 
 
 def fake(train_size: int, test_size: int, image_shape: list[int], num_classes: int, **common) -> Data:
@@ -297,68 +294,3 @@ def _split(labels, fraction: float, seed: int, stratify: bool = True) -> tuple[n
 
 def _augment(padding: int, flip: bool) -> CropFlip | None:
     return CropFlip(padding, flip) if padding or flip else None
-
-
-def _idx_files(cls, name: str, root: str, download: bool):
-    """(x_train, y_train, x_test, y_test) of an MNIST-style dataset stored as idx files."""
-    folder = Path(root).resolve() / cls.__name__ / "raw"
-    files = [Path(url).stem for url, _ in cls.resources]  # the .gz archives unpack to these
-    _require(name, folder, files, download, lambda: cls(root, train=True, download=True))
-    train, test = cls(root, train=True), cls(root, train=False)
-    return train.data.unsqueeze(1), train.targets, test.data.unsqueeze(1), test.targets  # (N, 1, 28, 28)
-
-
-def _cifar(cls, name: str, root: str, download: bool, label_key: str):
-    """(x_train, y_train, x_test, y_test) of a CIFAR dataset stored as python-pickle batches."""
-    folder = Path(root).resolve() / cls.base_folder
-    files = [f for f, _ in cls.train_list + cls.test_list]
-    _require(name, folder, files, download,
-             lambda: download_and_extract_archive(cls.url, root, filename=cls.filename, md5=cls.tgz_md5))
-    return (*_cifar_batches(name, folder, cls.train_list, label_key),
-            *_cifar_batches(name, folder, cls.test_list, label_key))
-
-
-class _ArraysOnly(pickle.Unpickler):
-    """Unpickles NumPy arrays and plain containers only, so a tampered data file cannot run code."""
-
-    allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.allowed:
-            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a data file")
-        return super().find_class(module.replace("numpy.core", "numpy._core"), name)
-
-
-def _cifar_batches(name: str, folder: Path, files: list, label_key: str):
-    xs, ys = [], []
-    for file, _ in files:
-        try:
-            with open(folder / file, "rb") as f:
-                batch = _ArraysOnly(f, encoding="latin1").load()
-            xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # (N, C, H, W)
-            ys.extend(batch[label_key])
-        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as e:
-            raise UserError(f"data={name}: {folder / file} is not a readable CIFAR batch ({e}): delete {folder} "
-                            "and download it again (data.download=true)") from e
-    return torch.from_numpy(np.concatenate(xs)), torch.tensor(ys)
-
-
-def _require(name: str, folder: Path, files: list[str], download: bool, fetch: Callable[[], object]) -> None:
-    """Fail in one line, naming the folder and the files, unless all `files` are in `folder`."""
-    missing = [f for f in files if not (folder / f).is_file()]
-    why = "data.download=false"
-    if missing and download:
-        previous = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(30)  # fail in seconds, not minutes, without a network
-        try:
-            fetch()
-            why = "the download did not produce them"
-        except Exception as e:  # any failure to fetch is reported the same way below
-            why = f"download failed: {type(e).__name__}: {e}"
-        finally:
-            socket.setdefaulttimeout(previous)
-        missing = [f for f in files if not (folder / f).is_file()]
-    if missing:
-        raise UserError(f"data={name}: missing {', '.join(missing)} in {folder} ({why}); put the files there, "
-                        "set data.root to the folder that holds them, or download with network access")
