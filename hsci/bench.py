@@ -6,7 +6,6 @@ it needs no download; then, when the data is present, the loader's own throughpu
 two bounds training."""
 
 import dataclasses
-import sys
 import time
 
 import torch
@@ -19,16 +18,8 @@ from hsci.loaders import make_loader, pick_loader
 from hsci.train import peak_memory_gb, reset_peak_memory, train_epoch, warm_up
 
 
-def main(args: list[str]) -> int:
-    try:
-        return run_bench(args)
-    except Exception as e:  # one line for the user, whatever went wrong
-        cause = user_error(e)
-        print(f"error: {cause or f'{type(e).__name__}: {e}'}", file=sys.stderr)
-        return 1
-
-
 def run_bench(args: list[str]) -> int:
+    """`hsci bench [key=value ...] [steps=30 warmup=5]`."""
     opts = {k: int(v) for k, v in (a.split("=", 1) for a in args if a.split("=", 1)[0] in ("steps", "warmup"))}
     cfg = compose([a for a in args if a.split("=", 1)[0] not in opts])
     steps, warmup = opts.get("steps", 30), opts.get("warmup", 5)

@@ -47,17 +47,28 @@ def main(argv: list[str] | None = None) -> int:
     if verb == "eval":
         from hsci import evaluate  # imports torch
 
-        return evaluate.main(rest)
+        return one_line_errors(evaluate.run_eval, rest)
     if verb == "bench":
         from hsci import bench
 
-        return bench.main(rest)
+        return one_line_errors(bench.run_bench, rest)
     return fail(f"unknown command '{verb}'; commands: {', '.join(VERBS)} (see hsci --help)", 2)
 
 
 def fail(msg: str, code: int = 1) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return code
+
+
+def one_line_errors(verb, args: list[str]) -> int:
+    """Run a verb that makes no run directory; whatever goes wrong is one line and exit status 1."""
+    from hsci import user_error
+
+    try:
+        return verb(args)
+    except Exception as e:
+        cause = user_error(e)
+        return fail(str(cause) if cause else f"{type(e).__name__}: {e}")
 
 
 def train(args: list[str]) -> int:

@@ -1,6 +1,5 @@
 """Metrics, the evaluation pass over a validation or test split, and `hsci eval`."""
 
-import sys
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -15,7 +14,7 @@ from torchmetrics.classification import (BinaryAccuracy, BinaryF1Score, BinaryPr
                                          MulticlassRecall)
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
 
-from hsci import UserError, interrupt, report, rundir, user_error
+from hsci import UserError, interrupt, report, rundir
 from hsci.build import build, compose
 from hsci.cli import latest_run
 from hsci.data import Data
@@ -77,18 +76,9 @@ def _predictions(out: torch.Tensor, y: torch.Tensor, data: Data) -> tuple[torch.
     return out, y
 
 
-def main(args: list[str]) -> int:
+def run_eval(args: list[str]) -> int:
     """`hsci eval run=<run dir>|latest [split=test|val] [data.*=... trainer.*=...]`: a run's best checkpoint
     with the run's own config; or `hsci eval checkpoint=<file.pt> model=... data=... [key=value ...]`."""
-    try:
-        return run_eval(args)
-    except Exception as e:  # one line for the user, whatever went wrong
-        cause = user_error(e)
-        print(f"error: {cause or f'{type(e).__name__}: {e}'}", file=sys.stderr)
-        return 1
-
-
-def run_eval(args: list[str]) -> int:
     opts = dict(a.split("=", 1) for a in args if a.split("=", 1)[0] in ("run", "checkpoint", "split"))
     changes = [a for a in args if a.split("=", 1)[0] not in opts]
     split = opts.get("split", "test")
