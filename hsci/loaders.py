@@ -35,13 +35,18 @@ class EpochSampler(Sampler):
         return (self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)) - self.first
 
     def __iter__(self) -> Iterator[list]:
-        entropy = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0]
-        g = torch.Generator().manual_seed(int(entropy))
+        g = epoch_generator(self.seed, self.epoch, torch.device("cpu"))
         keys = torch.randperm(self.n, generator=g).tolist()
         if self.with_seeds:
             keys = list(zip(keys, torch.randint(2**62, (self.n,), generator=g).tolist()))
         for b in range(self.first, self.first + len(self)):
             yield keys[b * self.batch_size:(b + 1) * self.batch_size]
+
+
+def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """The generator an epoch's order and augmentation are drawn from: a function of (seed, epoch) alone."""
+    entropy = np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device).manual_seed(int(entropy))
 
 
 class DeviceLoader:
@@ -69,8 +74,7 @@ class DeviceLoader:
         n = len(self.x)
         order, offsets, flips = torch.arange(n, device=self.device), None, None
         if self.train:
-            entropy = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0]
-            g = torch.Generator(self.device).manual_seed(int(entropy))
+            g = epoch_generator(self.seed, self.epoch, self.device)
             order = torch.randperm(n, generator=g, device=self.device)
             if self.augment:
                 offsets = torch.randint(2 * self.augment.padding + 1, (n, 2), generator=g, device=self.device)
@@ -87,7 +91,7 @@ class DeviceLoader:
 def pick_loader(choice: str, data, device: torch.device) -> str:
     """`gpu` or `torch` for data.loader=`choice`; `auto` takes gpu on CUDA when the set is held in memory and
     fits within a quarter of the device's free memory."""
-    in_memory = all(hasattr(split, "x") for split in (data.train, data.val, data.test))
+    in_memory = all(isinstance(split, Tensors) for split in (data.train, data.val, data.test))
     if choice == "gpu" and not in_memory:
         raise UserError("data.loader=gpu needs a dataset held in memory, and this one reads files on demand: "
                         "use data.loader=torch or auto")

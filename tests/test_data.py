@@ -137,6 +137,9 @@ def test_cifar_augmentation_crops_and_flips_training_images_only(cfg_of, tmp_pat
 def test_digits_and_mnist_are_not_augmented_by_default(cfg_of):
     data = load(cfg_of, "digits")
     assert data.train.augment is None
+    for option in ("mnist", "fashion_mnist"):
+        cfg = cfg_of(f"data={option}").data
+        assert cfg.random_crop_padding == 0 and cfg.horizontal_flip is False
 
 
 def test_tables_are_standardised_with_training_statistics(cfg_of):

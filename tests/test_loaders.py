@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 
 from conftest import hsci, run_dirs, summary_of
 from hsci import UserError
-from hsci.data import CropFlip, Tensors
+from hsci.data import CropFlip, ImageFiles, Tensors
 from hsci.loaders import DeviceLoader, crop_flip, make_loader, pick_loader, start_epoch
 
 CPU = torch.device("cpu")
@@ -92,7 +92,7 @@ def test_auto_picks_the_torch_loader_off_cuda_and_gpu_needs_a_set_in_memory(cfg_
     data = instantiate(cfg_of().data)
     assert pick_loader("auto", data, CPU) == "torch"
     assert pick_loader("gpu", data, CPU) == "gpu"
-    files = type("Files", (), {"train": [], "val": [], "test": []})()
+    files = type("Files", (), {"train": data.train, "val": data.val, "test": ImageFiles([], 8, 3)})()
     with pytest.raises(UserError, match="data.loader=gpu needs a dataset held in memory"):
         pick_loader("gpu", files, CPU)
 
