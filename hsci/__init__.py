@@ -1,6 +1,11 @@
-"""hsci: config-driven deep-learning experiments."""
+"""hsci: config-driven deep-learning experiments.
+
+This module holds what every layer may use without importing torch or Hydra: where the shipped configs
+are, and the errors hsci reports to the user in one line.
+"""
 
 import time
+from pathlib import Path
 
 __version__ = "0.1.0"
 STARTED = time.time()  # about when the process started: startup_s in summary.json counts from here
@@ -8,6 +13,15 @@ STARTED = time.time()  # about when the process started: startup_s in summary.js
 
 class UserError(Exception):
     """A problem the user can fix: the message names it and says how, in one line."""
+
+
+class Refused(SystemExit):
+    """A run refused before it started, raised from inside Hydra (whose error report would bury it under a
+    traceback): `hsci train` prints `message` as one line and exits with `code`."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(code)
+        self.message = message
 
 
 def user_error(e: BaseException | None) -> UserError | None:
@@ -18,3 +32,34 @@ def user_error(e: BaseException | None) -> UserError | None:
     if e is not None and "Traceback" in str(e):
         return UserError(str(e).strip().splitlines()[-1].removeprefix("hsci.UserError: "))
     return e
+
+
+def config_dir() -> Path:
+    """The shipped configs: inside the installed package, or the repository's top-level conf/."""
+    here = Path(__file__).resolve().parent
+    return next(d for d in (here / "conf", here.parent / "conf") if d.is_dir())
+
+
+def one_line(report: str) -> str:
+    """Hydra's multi-line report of a config error as one line: the problem, then its details."""
+    lines = [line.strip() for line in report.splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):  # an error outside composition: its last line
+        lines = [line for line in lines if not line.startswith("Set the environment")][-1:]
+    noise = ("full_key:", "object_type=", "reference_type=", "Set the environment variable HYDRA_FULL_ERROR",
+             "To append to your config use", "provider=", "Config search path:")
+    out, options = [], []
+    for line in lines:
+        if line.startswith(noise):
+            continue
+        if out and out[-1].startswith("Available options in"):
+            options.append(line)
+            continue
+        out.append(line)
+    if options:
+        out[-1] += " " + ", ".join(options)
+    return "; ".join(line.rstrip(".:") if i < len(out) - 1 else line for i, line in enumerate(out))
+
+
+def quote(value: str) -> str:
+    """A value quoted for Hydra's override grammar."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"

@@ -15,27 +15,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from hsci import UserError, report, schema
-from hsci.cli import config_dir, one_line
+from hsci import UserError, config_dir, one_line, report, schema
 from hsci.data import Data
 from hsci.loaders import input_fn, make_loader, pick_loader
+from hsci.schema import check_values
 
 # The loss each task trains with, as its config option name: a mismatch is a user error.
 TASK_LOSS = {"multiclass": "cross_entropy", "binary": "bce", "regression": "mse"}
 LOSS_TASK = {nn.CrossEntropyLoss: "multiclass", nn.BCEWithLogitsLoss: "binary", nn.MSELoss: "regression"}
-# Values that compose but cannot train: (key, test, what the value must be).
-CHECKS = [("seed", lambda v: v >= 0, "0 or more"), ("trainer.epochs", lambda v: v >= 1, "at least 1"),
-          ("data.batch_size", lambda v: v >= 1, "at least 1"), ("optimizer.lr", lambda v: v > 0, "above 0"),
-          ("data.num_workers", lambda v: v == "auto" or isinstance(v, int) and v >= 0, "auto or 0 or more"),
-          ("data.val_fraction", lambda v: 0 < v < 1, "between 0 and 1"),
-          ("data.test_fraction", lambda v: 0 < v < 1, "between 0 and 1"),
-          ("data.loader", lambda v: v in ("auto", "torch", "gpu"), "auto, torch or gpu"),
-          ("trainer.log_every", lambda v: v >= 1, "at least 1"),
-          ("trainer.limit_batches", lambda v: v is None or v >= 1, "at least 1, or null"),
-          ("trainer.early_stop_patience", lambda v: v is None or v >= 1, "at least 1, or null"),
-          ("trainer.grad_clip", lambda v: v is None or v > 0, "above 0, or null"),
-          ("trainer.channels_last", lambda v: v in ("auto", True, False), "auto, true or false"),
-          ("trainer.compile", lambda v: v in (False, True, "max-autotune"), "false, true or max-autotune")]
 
 
 @dataclass
@@ -98,17 +85,6 @@ def build(cfg: DictConfig, data: Data | None = None) -> Parts:
                  loader(data.train, train=True), loader(data.val, train=False), loader(data.test, train=False))
 
 
-def check_values(cfg: DictConfig) -> None:
-    """Refuse values that compose but cannot train, and keys left without a value, before any work."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise UserError(f"{', '.join(missing)} must be set: add {' '.join(k + '=...' for k in missing)} to the command")
-    for key, ok, requirement in CHECKS:
-        value = OmegaConf.select(cfg, key, default="absent")
-        if value != "absent" and not ok(value):
-            raise UserError(f"{key}={value} is invalid: it must be {requirement}")
-
-
 def pick_device(name: str) -> torch.device:
     """`auto` picks cuda, then mps, then cpu; a named device must exist."""
     if name == "auto":
@@ -119,6 +95,9 @@ def pick_device(name: str) -> torch.device:
         raise UserError(f"trainer.device={name} is not a device ({e}): use auto, cpu, cuda, cuda:N or mps") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"trainer.device={name} but no CUDA device is visible: use trainer.device=auto or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"trainer.device={name} but only {torch.cuda.device_count()} CUDA device(s) are visible: "
+                        f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}, or auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"trainer.device={name} but MPS is not available: use trainer.device=auto or cpu")
     return device

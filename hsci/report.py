@@ -3,16 +3,20 @@
 Everything shown is also written to the run's train.log through the `hsci` logger.
 """
 
+from __future__ import annotations  # torch's types below are names only: no torch import for a refusal
+
 import logging
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.tree import Tree
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("hsci")
 console = Console(highlight=False)
