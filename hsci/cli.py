@@ -1,12 +1,14 @@
-"""The `hsci` command. `train` hands its arguments to a Hydra app, `eval` to hsci/evaluate.py; `hsci --help`
-answers without importing torch or Hydra, so it is instant."""
+"""The `hsci` command. `train` hands its arguments to a Hydra app, the other verbs to a module of their own;
+`hsci --help` answers without importing torch or Hydra, so it is instant."""
 
 import io
 import itertools
+import os
+import signal
 import sys
 from pathlib import Path
 
-from hsci import interrupt
+from hsci import Refused, config_dir, interrupt, one_line, quote
 
 VERBS = {
     "train": "train, validate every epoch, test the best checkpoint: hsci train [key=value ...]; "
@@ -14,13 +16,8 @@ VERBS = {
     "eval": "evaluate a run's best checkpoint: hsci eval run=<run dir>|latest [split=val]; "
             "or hsci eval checkpoint=<file.pt> model=... data=...",
     "bench": "how fast will this config train here: hsci bench [key=value ...] [steps=30 warmup=5]",
+    "trust": "let eval and resume build what a run directory from elsewhere names: hsci trust run=<run dir>",
 }
-
-
-def config_dir() -> Path:
-    """The shipped configs: inside the installed package, or the repository's top-level conf/."""
-    here = Path(__file__).resolve().parent
-    return next(d for d in (here / "conf", here.parent / "conf") if d.is_dir())
 
 
 def usage() -> str:
@@ -38,21 +35,43 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
+    sys.stdout, sys.stderr = _BestEffort.around(sys.stdout), _BestEffort.around(sys.stderr)
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
-    verb, rest = args[0], args[1:]
-    if verb == "train":
-        return train(rest)
-    if verb == "eval":
-        from hsci import evaluate  # imports torch
+    verb, rest = args[0], [_home(arg) for arg in args[1:]]
+    try:
+        if verb == "train":
+            return train(rest)
+        if verb == "eval":
+            from hsci import evaluate  # imports torch
 
-        return one_line_errors(evaluate.run_eval, rest)
-    if verb == "bench":
-        from hsci import bench
+            return one_line_errors(evaluate.run_eval, rest)
+        if verb == "bench":
+            from hsci import bench
 
-        return one_line_errors(bench.run_bench, rest)
+            return one_line_errors(bench.run_bench, rest)
+        if verb == "trust":
+            from hsci import trust
+
+            return one_line_errors(trust.run_trust, rest)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (or a second one inside): stop, in one line
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C would interrupt the line itself
+        return fail("stopped by Ctrl-C", 128 + signal.SIGINT)
     return fail(f"unknown command '{verb}'; commands: {', '.join(VERBS)} (see hsci --help)", 2)
+
+
+OWN_KEYS = ("resume", "run", "checkpoint", "split", "steps", "warmup")  # read by hsci itself, not by Hydra
+
+
+def _home(arg: str) -> str:
+    """`key=~/path` with `~` expanded, as a shell does in an assignment: Hydra's grammar has no `~` in a value."""
+    key, eq, value = arg.partition("=")
+    if not eq or not value.startswith("~") or key in OWN_KEYS:
+        return arg
+    if key.startswith("-"):  # --config-dir=~/conf: a path for Hydra itself, not an override
+        return f"{key}={os.path.expanduser(value)}"
+    return f"{key}={quote(os.path.expanduser(value))}"
 
 
 def fail(msg: str, code: int = 1) -> int:
@@ -78,16 +97,16 @@ def train(args: list[str]) -> int:
     if resume is not None:
         if "-m" in args or "--multirun" in args:
             return fail("resume= continues one run; it cannot be part of a sweep (-m)", 2)
-        run = _run_dir(resume)
-        if isinstance(run, str):
-            return fail(run)
+        from hsci import UserError
+        from hsci.owner import find_run
+
+        try:
+            run = find_run(resume, "resume", skip_owned=True)
+        except UserError as e:
+            return fail(str(e))
         changes = [a for a in args if "=" in a and not a.startswith(("resume=", "hydra.", "-"))]
         args = [a for a in args if a not in changes and not a.startswith("resume=")]
-        args += [f"resume={_quote(str(run))}", f"hydra.run.dir={_quote(str(run))}", "hydra.output_subdir=null"]
-    fixed = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")), None)
-    if resume is None and fixed and (Path(fixed.strip("'\"")) / "summary.json").exists():
-        return fail(f"hydra.run.dir={fixed} already holds a run: continue it with resume={fixed}, or choose a new "
-                    "directory", 2)
+        args += [f"resume={quote(str(run))}", f"hydra.run.dir={quote(str(run))}", "hydra.output_subdir=null"]
     held = _HeldStderr(sys.stderr)
 
     def task(cfg) -> None:
@@ -101,13 +120,16 @@ def train(args: list[str]) -> int:
     try:
         with interrupt.caught():  # from the start: a signal while starting up is recorded, not lost
             _hydra_app(task)()
+    except Refused as e:  # refused before the run began (hsci/owner.py): its own one line
+        held.holding = False
+        return fail(e.message, e.code)
     except SystemExit as e:
         if held.holding and e.code:  # Hydra refused the config: one line instead of its report
             report = held.text()
             held.holding = False
             return fail(one_line(report) + " (hsci --help lists the options; hsci train --cfg job the keys)", 2)
         raise
-    except Exception as e:  # Hydra could not even format its report (an error while resolving hydra.run.dir)
+    except Exception as e:  # Hydra could not even format its report
         if not held.holding:
             raise
         held.holding = False
@@ -118,27 +140,56 @@ def train(args: list[str]) -> int:
     return 0
 
 
-def latest_run(needs: str) -> Path | None:
-    """The most recently started (or resumed) run under ./outputs that holds `needs`, a path inside it."""
-    runs = [p.parent.parent for p in Path("outputs").glob("**/.hydra/config.yaml")
-            if (p.parent.parent / needs).exists()]
-    return max(runs, key=lambda run: (run / ".hydra" / "config.yaml").stat().st_mtime).resolve() if runs else None
+class _BestEffort:
+    """The console as a best-effort stream: a pipe that closes (`hsci train | head`) or a terminal that goes
+    away never fails the run, whose record is its directory. Characters the console cannot encode are
+    escaped; after the first failed write, output goes to /dev/null."""
 
+    def __init__(self, stream):
+        self.stream = stream
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
-def _run_dir(resume: str) -> Path | str:
-    """The run directory `resume=` names, or a one-line reason why there is none."""
-    if resume == "latest":
-        return latest_run(".hydra") or f"resume=latest: no run under {Path('outputs').resolve()}; pass resume=<run dir>"
-    run = Path(resume).expanduser().resolve()
-    if not (run / ".hydra" / "config.yaml").is_file():
-        return (f"resume={resume}: {run} is not a run directory (no .hydra/config.yaml); pass a folder under "
-                "outputs/ or resume=latest")
-    return run
+    @classmethod
+    def around(cls, stream):
+        return stream if isinstance(stream, cls) or stream is None else cls(stream)
 
+    def write(self, s: str) -> int:
+        try:
+            self.stream.write(s)
+        except (OSError, ValueError):  # EPIPE, EIO from a hung-up terminal; ValueError: the stream was closed
+            self._drop()
+        return len(s)
 
-def _quote(value: str) -> str:
-    """A value quoted for Hydra's override grammar."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            self._drop()
+
+    def _drop(self) -> None:
+        """From now on write to /dev/null, through the same file descriptor, so that the interpreter's own
+        flush at exit does not fail either."""
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass
+        self.stream = open(os.devnull, "w")
+
+    def isatty(self) -> bool:
+        try:
+            return self.stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def __getattr__(self, name: str):  # fileno, encoding, errors, buffer ...: the stream's own
+        return getattr(self.stream, name)
 
 
 class _HeldStderr(io.TextIOBase):
@@ -164,26 +215,6 @@ class _HeldStderr(io.TextIOBase):
         if self.holding:
             self.holding = False
             self.real.write(self.text())
-
-
-def one_line(report: str) -> str:
-    """Hydra's multi-line report of a config error as one line: the problem, then its details."""
-    lines = [line.strip() for line in report.splitlines() if line.strip()]
-    if any(line.startswith("Traceback") for line in lines):  # an error outside composition: its last line
-        lines = [line for line in lines if not line.startswith("Set the environment")][-1:]
-    noise = ("full_key:", "object_type=", "reference_type=", "Set the environment variable HYDRA_FULL_ERROR",
-             "To append to your config use", "provider=", "Config search path:")
-    out, options = [], []
-    for line in lines:
-        if line.startswith(noise):
-            continue
-        if out and out[-1].startswith("Available options in"):
-            options.append(line)
-            continue
-        out.append(line)
-    if options:
-        out[-1] += " " + ", ".join(options)
-    return "; ".join(line.rstrip(".:") if i < len(out) - 1 else line for i, line in enumerate(out))
 
 
 def _new_dir(path: str) -> str:

@@ -16,7 +16,7 @@ from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
 
 from hsci import UserError, interrupt, report, rundir
 from hsci.build import build, compose
-from hsci.cli import latest_run
+from hsci.owner import find_run
 from hsci.data import Data
 
 
@@ -86,17 +86,14 @@ def run_eval(args: list[str]) -> int:
         raise UserError("usage: hsci eval run=<run dir>|latest [split=test|val], or hsci eval checkpoint=<file.pt> "
                         "model=... data=... (see hsci --help)")
     if "run" in opts:
-        run = latest_run("checkpoints/best.pt") if opts["run"] == "latest" else Path(opts["run"]).resolve()
-        if run is None or not (run / ".hydra" / "config.yaml").is_file():
-            raise UserError(f"run={opts['run']}: {run or 'outputs/'} holds no hsci run (.hydra/config.yaml); pass a "
-                            "run directory under outputs/ or run=latest")
+        run = find_run(opts["run"], "run", needs="checkpoints/best.pt")
         cfg = rundir.load_config(run, changes, ("data.", "trainer."), "eval")
         checkpoint, out = run / "checkpoints" / "best.pt", run / f"eval_{split}.json"
         if not checkpoint.exists():
             raise UserError(f"run={opts['run']}: {run} has no checkpoints/best.pt yet (no epoch finished): "
                             f"resume it with hsci train resume={run}")
     else:
-        cfg, checkpoint, out = compose(changes), Path(opts["checkpoint"]).resolve(), None
+        cfg, checkpoint, out = compose(changes), Path(opts["checkpoint"]).expanduser().resolve(), None
     state = rundir.load_checkpoint(checkpoint)
     p = build(cfg)
     rundir.load_weights(p.model, state.get("model", state), checkpoint)  # an hsci checkpoint or a bare state dict

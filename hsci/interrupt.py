@@ -1,11 +1,13 @@
-"""Graceful stops. The first SIGINT (Ctrl-C) or SIGTERM (what a cluster scheduler sends before it kills a
-job) asks the training loop to stop after the current step and save; a second one acts at once."""
+"""Graceful stops. The first SIGINT (Ctrl-C), SIGTERM (what a cluster scheduler sends before it kills a job)
+or SIGHUP (a closed terminal, a dropped SSH session) asks the training loop to stop after the current step
+and save; a second one acts at once. The process then exits with 128 + the signal's number."""
 
 import signal
 import sys
 from contextlib import contextmanager
 from typing import Iterator
 
+STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 received: list[int] = []  # signals received in this process; a sweep's later jobs see them too
 
 
@@ -14,18 +16,24 @@ def requested() -> int | None:
     return received[0] if received else None
 
 
+def exit_code() -> int:
+    """128 + the stop signal's number, as a shell reports a process that signal ended (130 for Ctrl-C)."""
+    return 128 + received[0]
+
+
 @contextmanager
 def caught() -> Iterator[None]:
-    """While inside, the first SIGINT or SIGTERM is recorded instead of ending the process."""
+    """While inside, the first stop signal is recorded instead of ending the process."""
 
     def handler(signum: int, frame) -> None:
         received.append(signum)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second one: KeyboardInterrupt at once
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
         sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step and saving "
                          "(Ctrl-C again to quit at once)\n")
 
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.getsignal(s) for s in STOPS}
     if not received:
         for s in previous:
             signal.signal(s, handler)

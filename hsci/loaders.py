@@ -146,10 +146,10 @@ class Timed:
 
 
 def _worker_init(worker_id: int) -> None:
-    # Ctrl-C and a scheduler's SIGTERM reach every process of the job; the main process handles them (it
-    # finishes the step and saves, which may need the workers) and ends the workers itself.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Ctrl-C, a scheduler's SIGTERM and a closed terminal's SIGHUP reach every process of the job; the main
+    # process handles them (it finishes the step and saves, which may need the workers) and ends the workers.
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, signal.SIG_IGN)
 
 
 @atexit.register

@@ -9,13 +9,13 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from hsci import report, rundir
+from hsci import interrupt, report
 
 
 class SweepSummary(Callback):
     """Hydra callback: reads each job's summary.json, prints a table, writes sweep_summary.{csv,json}.
 
-    The command exits non-zero when any job did not complete.
+    The command exits non-zero when any job did not complete: 128 + the signal's number after a stop signal.
     """
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -23,6 +23,8 @@ class SweepSummary(Callback):
         rows = sorted((job_row(d) for d in sweep_dir.iterdir() if (d / ".hydra").is_dir()), key=rank)
         if not rows:
             return
+        from hsci import rundir  # imports torch: kept out of start-up, where Hydra makes this callback
+
         rundir.write_json(sweep_dir / "sweep_summary.json", {"jobs": rows})
         columns = list(dict.fromkeys(k for row in rows for k in row))
         with open(sweep_dir / "sweep_summary.csv", "w", newline="") as f:
@@ -32,7 +34,7 @@ class SweepSummary(Callback):
         report.sweep_table(rows, str(sweep_dir / "sweep_summary.csv"))
         if any(row["status"] != "completed" for row in rows):
             report.error(f"{sum(row['status'] != 'completed' for row in rows)} of {len(rows)} jobs did not complete")
-            sys.exit(1)
+            sys.exit(interrupt.exit_code() if interrupt.requested() else 1)
 
 
 def job_row(job_dir: Path) -> dict:

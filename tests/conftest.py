@@ -36,6 +36,14 @@ def hsci(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -
                           timeout=timeout, env=env)
 
 
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory) -> Path:
+    """A finished smoke run (digits, cnn) to resume, evaluate and copy; tests that change it copy it first."""
+    cwd = tmp_path_factory.mktemp("finished")
+    assert hsci("train", "experiment=smoke", cwd=cwd).returncode == 0
+    return run_dirs(cwd)[0]
+
+
 def run_dirs(cwd: Path) -> list[Path]:
     """The single-run directories under cwd/outputs/<date>/, oldest first."""
     return sorted(p for p in (cwd / "outputs").glob("*/*") if p.parent.name != "multirun" and p.is_dir())

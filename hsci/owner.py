@@ -1,0 +1,185 @@
+"""Who owns a run directory, and which directory a run or a sweep gets.
+
+A process that trains or resumes a run holds an OS lock on `<run>/.lock` for as long as it runs; the
+kernel drops it when the process ends, however it ends, so a killed run never stays locked and no two
+processes ever write into one run. It is a POSIX record lock (lockf), which belongs to the process alone:
+DataLoader workers forked from it do not hold it, so a run killed outright is free at once, even while its
+workers are still winding down. (A POSIX lock also ends when its process closes any descriptor of the
+file, which is why this process never opens the lock file of a folder it owns twice.)
+
+`Guard`, a Hydra callback, settles a run's or a sweep's directory on its resolved path (interpolations,
+`~`) before Hydra writes anything there, and refuses values that cannot work before that directory exists.
+Nothing here imports torch: `hsci train resume=` looks runs up through it.
+"""
+
+import fcntl
+import os
+import socket
+import time
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, read_write
+
+from hsci import Refused, UserError, one_line, quote
+
+LOCK = ".lock"
+# What a folder holds once a run or a sweep has written into it.
+RECORDS = (".hydra", "summary.json", "metrics.jsonl", "checkpoints", "sweep_summary.json")
+_held: dict[Path, int] = {}  # the directories this process owns, with the descriptor that holds each lock
+
+
+def claim(folder: Path, verb: str) -> None:
+    """Own `folder` for the rest of this process (a no-op if it already does); refused, naming the owner,
+    while another process owns it."""
+    folder = folder.resolve()
+    if folder in _held:
+        return
+    try:
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"{verb}: cannot write to {folder} ({e.strerror}): copy the run directory to a writable "
+                        "folder and resume the copy, or start hsci where it can write") from e
+    for attempt in range(5):  # another process may be probing the lock this very moment (see `owner`)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:  # EACCES or EAGAIN: held
+            time.sleep(0.05)
+    else:
+        who = _read_owner(fd)
+        os.close(fd)
+        raise UserError(f"{verb}: {folder} is in use by {who}: wait for it to end, or stop it first "
+                        f"({'kill -INT ' + who.split()[1] if who.startswith('process') else 'Ctrl-C'})")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    _held[folder] = fd
+
+
+def release(folder: Path) -> None:
+    """Give up `folder` (a sweep's finished job); the kernel does the same for every folder at process exit."""
+    fd = _held.pop(folder.resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def owner(folder: Path) -> str | None:
+    """'process <pid> on <host>' while another process owns `folder`, else None."""
+    if folder.resolve() in _held:
+        return None
+    try:
+        fd = os.open(folder / LOCK, os.O_RDONLY)
+    except OSError:  # never owned
+        return None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken and dropped (by the close) at once: a probe
+        return None
+    except OSError:
+        return _read_owner(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_owner(fd: int) -> str:
+    pid, _, host = os.pread(fd, 256, 0).decode(errors="replace").strip().partition(" ")
+    return f"process {pid} on {host}" if pid.isdigit() else "another process"
+
+
+def holds_record(folder: Path) -> bool:
+    """Whether a run or a sweep has written into `folder` (a sweep: a job folder with .hydra in it)."""
+    if not folder.is_dir():
+        return False
+    return (any((folder / name).exists() for name in RECORDS)
+            or any((job / ".hydra").is_dir() for job in folder.iterdir() if job.is_dir()))
+
+
+def find_run(name: str, key: str, needs: str = ".hydra/config.yaml", skip_owned: bool = False) -> Path:
+    """The run directory that `key=name` names: a path (`~` expanded) or `latest`, the most recently started
+    or resumed run under ./outputs that holds `needs` (and, with `skip_owned`, that no process owns)."""
+    if name == "latest":
+        runs = [p.parent.parent for p in Path("outputs").glob("**/.hydra/config.yaml")
+                if (p.parent.parent / needs).exists() and not (skip_owned and owner(p.parent.parent))]
+        if not runs:
+            raise UserError(f"{key}=latest: no run under {Path('outputs').resolve()}"
+                            f"{' that is not in use' if skip_owned else ''} holds {needs}; pass {key}=<run dir>")
+        return max(runs, key=lambda run: (run / ".hydra" / "config.yaml").stat().st_mtime).resolve()
+    run = Path(name).expanduser().resolve()
+    if not (run / ".hydra" / "config.yaml").is_file():
+        raise UserError(f"{key}={name}: {run} is not a run directory (it holds no hsci run: no .hydra/config.yaml); "
+                        f"pass a folder under outputs/ or {key}=latest")
+    return run
+
+
+class Guard(Callback):
+    """Hydra callback: every run and every sweep starts in a directory of its own, owned by this process."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        HydraConfig.instance().set_config(config)  # `name` and the run directory read hydra's runtime choices
+        if config.resume:  # the run's own directory, found by `hsci train`; its saved config is checked later
+            _own(Path(config.resume), "resume")
+            return
+        _check(config)
+        _own(_settle(config, "run"), "train")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        HydraConfig.instance().set_config(config)
+        sweep_dir = _settle(config, "sweep")
+        _own(sweep_dir, "sweep")
+        with read_write(config.hydra.overrides):  # each job's config is composed anew from these overrides
+            config.hydra.overrides.hydra.append(f"hydra.sweep.dir={quote(str(sweep_dir))}")
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        _own(Path(config.hydra.runtime.output_dir), "train")
+
+    def on_job_end(self, config: DictConfig, **kwargs) -> None:
+        if config.hydra.mode == RunMode.MULTIRUN:
+            release(Path(config.hydra.runtime.output_dir))
+
+
+def _own(folder: Path, verb: str) -> None:
+    try:
+        claim(folder, verb)
+    except UserError as e:
+        raise Refused(str(e)) from e
+
+
+def _check(config: DictConfig) -> None:
+    """Values that compose but cannot train are refused before the run directory exists."""
+    from hsci.schema import check_values
+
+    task = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])  # hydra's keys resolve late
+    try:
+        check_values(task)
+        if task.trainer.device not in ("auto", "cpu"):  # is it there? torch can tell (and the run needs it next)
+            from hsci.build import pick_device
+
+            pick_device(task.trainer.device)
+    except UserError as e:
+        raise Refused(str(e), 2) from e
+
+
+def _settle(config: DictConfig, kind: str) -> Path:
+    """The directory `hydra.<kind>.dir` names, resolved and written back as a plain path, so that what is
+    checked is where Hydra writes; created when absent, refused when a run or sweep already wrote there."""
+    node = config.hydra[kind]
+    try:
+        folder = Path(str(node.dir)).expanduser().resolve()  # the default makes a fresh folder (hsci_new_dir)
+    except Exception as e:  # an interpolation that cannot resolve, or a folder that cannot be made
+        raise Refused(one_line(str(e)), 2) from e
+    who = owner(folder)
+    if who:
+        raise Refused(f"hydra.{kind}.dir={folder} is in use by {who}: choose a new directory", 2)
+    if holds_record(folder):
+        raise Refused(f"hydra.{kind}.dir={folder} already holds a {'run' if kind == 'run' else 'run or sweep'}: "
+                      + (f"continue it with resume={folder}, or " if (folder / '.hydra').is_dir() else "")
+                      + "choose a new directory", 2)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Refused(f"cannot create the run directory {folder} ({e.strerror}): start hsci in a writable folder or "
+                      f"set hydra.{kind}.dir=<writable folder>", 2) from e
+    with read_write(node):
+        node.dir = str(folder)
+    return folder

@@ -1,0 +1,122 @@
+"""A run directory is owned and never silently lost: one process at a time, no run or sweep written over, a
+moved run lives where it is, a console that goes away fails nothing, a read-only disk is one line."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import hsci, summary_of
+from hsci.owner import owner
+
+
+def snapshot(run: Path) -> dict:
+    """Every file of a run directory, as bytes."""
+    return {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+
+def test_a_training_run_is_owned_by_its_process_until_it_dies(tmp_path):
+    run = tmp_path / "outputs" / "long"
+    proc = subprocess.Popen([sys.executable, "-m", "hsci", "train", "trainer.epochs=300", "data.num_workers=2",
+                             f"hydra.run.dir={run}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while not (run / "metrics.jsonl").exists():  # training, with two DataLoader workers forked
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    assert owner(run) == f"process {proc.pid} on {os.uname().nodename}"
+    with ThreadPoolExecutor(2) as pool:
+        second, fixed = pool.map(lambda args: hsci("train", *args, cwd=tmp_path),
+                                 [[f"resume={run}"], ["experiment=smoke", f"hydra.run.dir={run}"]])
+    latest = hsci("train", "resume=latest", cwd=tmp_path)
+    assert proc.poll() is None  # none of them touched the run
+    for result, code in ((second, 1), (fixed, 2)):
+        assert result.returncode == code
+        [line] = result.stderr.strip().splitlines()
+        assert f"{run} is in use by process {proc.pid}" in line
+    assert latest.returncode == 1 and "no run under" in latest.stderr and "that is not in use" in latest.stderr
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, len(epochs) + 1))  # each epoch once, by one process
+    proc.kill()  # SIGKILL: no chance to clean up; its workers may live on a few seconds
+    proc.wait()
+    assert owner(run) is None  # the lock was the dead process's alone
+
+
+def test_new_runs_never_write_into_an_old_one_wherever_the_path_comes_from(finished, tmp_path):
+    runs = tmp_path / "runs"
+    victim, moved = runs / "victim", tmp_path / "elsewhere" / "moved"
+    shutil.copytree(finished, victim)
+    shutil.copytree(finished, moved)
+    before = snapshot(victim)
+    commands = [(["experiment=smoke", "hydra.run.dir=${oc.env:RUNS}/victim"], {"RUNS": str(runs)}),
+                (["experiment=smoke", "hydra.run.dir=~/victim"], {"HOME": str(runs)}),
+                ([f"resume={moved}", "trainer.epochs=3"], {})]
+    with ThreadPoolExecutor(2) as pool:
+        interpolated, home, resumed = pool.map(lambda c: hsci("train", *c[0], cwd=tmp_path, env=c[1]), commands)
+    for result in (interpolated, home):
+        assert result.returncode == 2
+        assert result.stderr.strip() == (f"error: hydra.run.dir={victim} already holds a run: continue it with "
+                                          f"resume={victim}, or choose a new directory")
+    assert snapshot(victim) == before
+    # A moved run resumes where it is now, and says so.
+    assert resumed.returncode == 0, resumed.stderr
+    assert summary_of(moved)["run_dir"] == str(moved) and summary_of(moved)["epochs_run"] == 3
+    assert f"run directory: {moved}\n" in resumed.stdout and str(finished) not in resumed.stdout
+
+
+def test_a_console_that_goes_away_or_cannot_encode_never_fails_the_run(tmp_path):
+    piped = subprocess.run(["bash", "-c", f'"{sys.executable}" -m hsci train experiment=smoke hydra.run.dir=piped '
+                            '| head -2; exit "${PIPESTATUS[0]}"'], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)
+    ascii_console = hsci("train", "experiment=smoke", "hydra.run.dir='été/run'", cwd=tmp_path,
+                         env={"PYTHONIOENCODING": "ascii"})
+    assert piped.returncode == 0 and len(piped.stdout.splitlines()) == 2 and piped.stderr == ""
+    assert ascii_console.returncode == 0, ascii_console.stderr
+    assert "run directory: " + str(tmp_path / "\\xe9t\\xe9" / "run") in ascii_console.stdout  # escaped, not fatal
+    for run in (tmp_path / "piped", tmp_path / "été" / "run"):
+        assert summary_of(run)["status"] == "completed"
+        assert "test split, best checkpoint" in (run / "train.log").read_text()  # the record is whole
+
+
+def test_resuming_on_a_read_only_disk_is_one_line_and_changes_nothing(finished, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = snapshot(run)
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no user and mount namespaces here to mount a folder read-only")
+    # In a mount namespace of its own, the run directory is bind-mounted read-only over itself.
+    script = (f'mount --bind "{run}" "{run}" && mount -o remount,ro,bind "{run}" "{run}" && '
+              f'exec "{sys.executable}" -m hsci train resume="{run}" trainer.epochs=3')
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"error: resume: cannot write to {run} (Read-only file system): copy the run "
+                                     "directory to a writable folder and resume the copy, or start hsci where it "
+                                     "can write")
+    assert snapshot(run) == before
+
+
+def test_ctrl_c_during_eval_or_bench_is_one_line(finished, tmp_path):
+    def interrupted(args: list[str]) -> subprocess.CompletedProcess:
+        proc = subprocess.Popen([sys.executable, "-m", "hsci", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)  # past the interpreter's start, where Python's own Ctrl-C handling begins
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)  # and a second one
+        out, err = proc.communicate(timeout=120)
+        return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+    with ThreadPoolExecutor(2) as pool:
+        # Both would take minutes: eval on 100,000 generated images, bench over 100,000 steps.
+        eval_args = ["eval", f"checkpoint={finished / 'checkpoints' / 'best.pt'}", "model=cnn", "data=fake",
+                     "data.image_shape=[1,8,8]", "data.mean=[0.5]", "data.std=[0.25]", "data.test_size=100000"]
+        results = list(pool.map(interrupted, [eval_args, ["bench", "steps=100000"]]))
+    for result in results:
+        assert result.returncode == 130
+        assert result.stderr.strip() == "error: stopped by Ctrl-C"
