@@ -6,6 +6,7 @@ import platform
 import random
 import subprocess
 import warnings
+import zipfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -18,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from hsci import UserError, schema
+from hsci import UserError, schema, trust
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
@@ -40,12 +41,23 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def write_config(run_dir: Path, config: dict) -> None:
+    """Save the run's config as .hydra/config.yaml, signed as this user's (hsci/trust.py)."""
+    text = OmegaConf.to_yaml(config).encode()
+    write_atomic(run_dir / ".hydra" / "config.yaml", lambda f: f.write(text))
+    trust.sign(run_dir, text)
+
+
 def load_config(run_dir: Path, changes: list[str], allowed: tuple[str, ...], verb: str) -> DictConfig:
-    """A run's saved config (.hydra/config.yaml) with `changes` (key=value) applied to keys starting with `allowed`."""
+    """A run's saved config (.hydra/config.yaml) with `changes` (key=value) applied to keys starting with `allowed`.
+
+    A config this user's hsci did not sign may name only what hsci's own configs can (hsci/trust.py)."""
+    path = run_dir / ".hydra" / "config.yaml"
     try:
-        saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+        text = path.read_bytes()
+        saved = OmegaConf.create(text.decode())
         cfg = OmegaConf.merge(OmegaConf.structured(schema.Config), saved)
-    except (OSError, OmegaConfBaseException, yaml.YAMLError) as e:
+    except (OSError, OmegaConfBaseException, yaml.YAMLError, UnicodeDecodeError) as e:
         raise UserError(f"{verb}: cannot read the config of {run_dir} ({str(e).splitlines()[0]})") from e
     OmegaConf.set_struct(cfg, True)
     try:
@@ -56,6 +68,8 @@ def load_config(run_dir: Path, changes: list[str], allowed: tuple[str, ...], ver
             OmegaConf.update(cfg, change.key_or_group, change.value(), merge=False)
     except (OmegaConfBaseException, ValueError) as e:
         raise UserError(f"{verb}: {' '.join(changes)}: {str(e).splitlines()[0]}") from e
+    if not trust.signed(run_dir, text):
+        trust.check(cfg, path, verb)
     return cfg
 
 
@@ -80,10 +94,12 @@ def save_checkpoint(path: Path, state: dict) -> None:
     write_atomic(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint's contents, loaded as tensors and plain values only: a file that holds code is refused."""
+def load_checkpoint(path: Path, needs: tuple[str, ...] = ()) -> dict:
+    """A checkpoint's contents, loaded as tensors and plain values only, holding the keys in `needs`: a file
+    that holds code, or that would expand beyond its own size while loading, is refused."""
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: pass an existing .pt file")
+    _refuse_expanding(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on foreign pickle protocols; the error below says enough
@@ -97,11 +113,37 @@ def load_checkpoint(path: Path) -> dict:
                         "truncated or another kind of file): use checkpoints/best.pt or last.pt of a run") from e
     if not isinstance(state, dict):
         raise UserError(f"{path} holds a {type(state).__name__}, not a checkpoint dict: use a checkpoint written by hsci")
+    missing = [key for key in needs if key not in state]
+    if missing:
+        raise UserError(f"{path} is not a checkpoint hsci wrote to resume from (it lacks {', '.join(missing)}): "
+                        "use a run's own checkpoints/last.pt")
     return state
+
+
+def _refuse_expanding(path: Path) -> None:
+    """torch.save stores a checkpoint's records uncompressed in a zip archive, so they add up to at most the
+    file's size; records that would inflate beyond it (a few MB that decompress to gigabytes) are refused
+    from the archive's directory, before a byte of them is read."""
+    if not zipfile.is_zipfile(path):
+        return  # the pre-1.6 format, or not a checkpoint at all: torch.load says which
+    try:
+        with zipfile.ZipFile(path) as archive:
+            expanded = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError):
+        return  # a damaged archive: torch.load refuses it below
+    size = path.stat().st_size
+    if expanded > size:
+        raise UserError(f"refusing {path}: its records expand to {expanded / 1e6:,.1f} MB from a {size / 1e3:,.0f} kB "
+                        "file, and torch.save never compresses them (a file made to exhaust memory while loading); "
+                        "use a checkpoint written by torch.save")
 
 
 def load_weights(model: nn.Module, weights: dict, source: Path) -> None:
     """Load a state dict into `model`, naming the first layer that does not fit."""
+    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+        raise UserError(f"{source} holds no model weights (a dict of tensors by layer name) where hsci looks for "
+                        f"them, but a {type(weights).__name__}: use a checkpoint written by hsci or a model's "
+                        "state_dict()")
     own = model.state_dict()
     for name, tensor in weights.items():
         if name not in own:
