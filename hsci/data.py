@@ -6,24 +6,24 @@ fixed `split_seed`, so every run of a dataset sees the same validation and test 
 """
 
 import logging
+import math
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 from torchvision import datasets
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from hsci import UserError
-from hsci.datafiles import cifar, idx_files
+from hsci.datafiles import cifar, idx_files, image_folders, read_image
 
 log = logging.getLogger("hsci")
 
@@ -127,11 +127,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, key: int | tuple[int, int]):
         i, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[i]
-        try:
-            with Image.open(path) as img:
-                x = self.resize(pil_to_tensor(img.convert(self.mode)))
-        except OSError as e:  # corrupt or truncated: stop, naming the file, rather than train on a silent gap
-            raise UserError(f"data=imagefolder: cannot read image {path} ({e}): remove or replace the file") from e
+        x = self.resize(pil_to_tensor(read_image(path, self.mode)))
         return _augmented(x, self.augment, seed), label
 
 
@@ -188,7 +184,7 @@ def imagefolder(root: str, image_size: int, channels: int, val_fraction: float, 
                 split_seed: int, random_crop_padding: int, horizontal_flip: bool, batch_size: int,
                 num_workers: int | str, loader: str, mean: list[float], std: list[float]) -> Data:
     """A user's own images: <root>/{train,val,test}/<class>/*.png|jpg; val/ and test/ are optional."""
-    root_dir = Path(root).resolve()
+    root_dir = Path(root).expanduser().resolve()
     train_dir = root_dir / "train"
     if not train_dir.is_dir():
         raise UserError(f"data=imagefolder: {train_dir} does not exist; expected {root_dir}/train/<class>/*.png|jpg "
@@ -197,21 +193,15 @@ def imagefolder(root: str, image_size: int, channels: int, val_fraction: float, 
     if not classes:
         raise UserError(f"data=imagefolder: {train_dir} has no class folders; put each class's images in "
                         f"{train_dir}/<class>/")
-    class_to_idx = {c: i for i, c in enumerate(classes)}
-    samples = {}
-    for split in ("train", "val", "test"):
-        folder = root_dir / split
-        if not folder.is_dir():
-            continue
-        strangers = sorted({d.name for d in folder.iterdir() if d.is_dir()} - set(classes))
-        if strangers:
-            raise UserError(f"data=imagefolder: {folder} has class folders that train/ lacks ({', '.join(strangers)}): "
-                            "every class needs training images")
-        samples[split] = make_dataset(str(folder), class_to_idx, IMG_EXTENSIONS, allow_empty=True)
-        if not samples[split]:
-            raise UserError(f"data=imagefolder: no images ({', '.join(IMG_EXTENSIONS)}) under {folder}/<class>/: "
-                            "add some, or remove the folder to carve this split from train/")
+    samples = image_folders(root_dir, classes)
     train = samples["train"]
+    carved = [split for split in ("test", "val") if split not in samples]  # each needs an image of every class
+    counts = Counter(label for _, label in train)
+    few = next((c for i, c in enumerate(classes) if counts[i] < 1 + len(carved)), None)
+    if few:
+        raise UserError(f"data=imagefolder: class {few} has {counts[classes.index(few)]} image(s) in train/, too few "
+                        f"to carve {' and '.join(carved)} from it (each class needs {1 + len(carved)}): add images to "
+                        f"{train_dir / few}, or give {' and '.join(split + '/' for split in carved)} folders")
     if "test" not in samples:
         rest, held = _split([label for _, label in train], test_fraction, split_seed)
         train, samples["test"] = [train[i] for i in rest], [train[i] for i in held]
@@ -283,9 +273,10 @@ def _split(labels, fraction: float, seed: int, stratify: bool = True) -> tuple[n
                         "set data.val_fraction / data.test_fraction to e.g. 0.1")
     labels = np.asarray(labels)
     idx = np.arange(len(labels))
+    # Stratified, a held-out split holds at least one sample of every class.
+    size = max(math.ceil(fraction * len(labels)), len(np.unique(labels))) if stratify else fraction
     try:
-        kept, held = train_test_split(idx, test_size=fraction, random_state=seed,
-                                      stratify=labels if stratify else None)
+        kept, held = train_test_split(idx, test_size=size, random_state=seed, stratify=labels if stratify else None)
     except ValueError:  # too few samples per class to stratify: an unstratified split, same seed
         log.warning("split of %d samples: too few per class to stratify, splitting at random", len(labels))
         kept, held = train_test_split(idx, test_size=fraction, random_state=seed)

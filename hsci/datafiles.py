@@ -1,6 +1,11 @@
 """Datasets as their publishers store them: MNIST-style idx files and CIFAR python batches in
-torchvision's layout, fetched when asked and missing, read without running code from them."""
+torchvision's layout, fetched when asked and missing, read without running code from them; and a user's
+own image files in class folders, read as what they hold."""
 
+import contextlib
+import io
+import logging
+import os
 import pickle
 import socket
 from pathlib import Path
@@ -8,23 +13,33 @@ from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.datasets.utils import download_and_extract_archive
 
 from hsci import UserError
 
+log = logging.getLogger("hsci")
+
 
 def idx_files(cls, name: str, root: str, download: bool):
     """(x_train, y_train, x_test, y_test) of an MNIST-style dataset stored as idx files."""
-    folder = Path(root).resolve() / cls.__name__ / "raw"
+    root = Path(root).expanduser().resolve()
+    folder = root / cls.__name__ / "raw"
     files = [Path(url).stem for url, _ in cls.resources]  # the .gz archives unpack to these
     _require(name, folder, files, download, lambda: cls(root, train=True, download=True))
-    train, test = cls(root, train=True), cls(root, train=False)
+    try:
+        train, test = cls(root, train=True), cls(root, train=False)
+    except (RuntimeError, ValueError, AssertionError, OSError) as e:  # torchvision's reader on a cut or foreign file
+        raise UserError(f"data={name}: the idx files in {folder} are not readable ({_line(e)}): delete them and "
+                        "download again (data.download=true)") from e
     return train.data.unsqueeze(1), train.targets, test.data.unsqueeze(1), test.targets  # (N, 1, 28, 28)
 
 
 def cifar(cls, name: str, root: str, download: bool, label_key: str):
     """(x_train, y_train, x_test, y_test) of a CIFAR dataset stored as python-pickle batches."""
-    folder = Path(root).resolve() / cls.base_folder
+    root = Path(root).expanduser().resolve()
+    folder = root / cls.base_folder
     files = [f for f, _ in cls.train_list + cls.test_list]
     _require(name, folder, files, download,
              lambda: download_and_extract_archive(cls.url, root, filename=cls.filename, md5=cls.tgz_md5))
@@ -65,14 +80,104 @@ def _require(name: str, folder: Path, files: list[str], download: bool, fetch: C
     if missing and download:
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(30)  # fail in seconds, not minutes, without a network
+        printed = io.StringIO()  # torchvision prints each mirror it tries: kept for train.log
         try:
-            fetch()
+            with contextlib.redirect_stdout(printed):
+                fetch()
             why = "the download did not produce them"
         except Exception as e:  # any failure to fetch is reported the same way below
-            why = f"download failed: {type(e).__name__}: {e}"
+            why = f"download failed: {type(e).__name__}: {_line(e)}"
         finally:
             socket.setdefaulttimeout(previous)
+            log.info("data=%s: download: %s", name, printed.getvalue().strip())
         missing = [f for f in files if not (folder / f).is_file()]
     if missing:
         raise UserError(f"data={name}: missing {', '.join(missing)} in {folder} ({why}); put the files there, "
                         "set data.root to the folder that holds them, or download with network access")
+
+
+def _line(e: BaseException) -> str:
+    """An exception's message on one line."""
+    return " ".join(str(e).split())
+
+
+def image_folders(root: Path, classes: list[str]) -> dict[str, list[tuple[str, int]]]:
+    """(path, label) of every image under <root>/<split>/<class>/ for the splits present (train, val, test).
+
+    Links are followed, but no folder is entered twice, so a link back up (a loop) or into another class
+    or split adds nothing; one file, by its real path, may sit in one split and one class only. A class
+    folder without images is an error, not a class that can never be predicted."""
+    splits = [split for split in ("train", "val", "test") if (root / split).is_dir()]
+    class_dirs = {(split, c): root / split / c for split in splits for c in classes if (root / split / c).is_dir()}
+    entered = {os.path.realpath(d) for d in (root, *(root / split for split in splits), *class_dirs.values())}
+    first_seen: dict[str, tuple[str, str]] = {}  # a file's real path -> (split/class, the path it was found at)
+    samples = {}
+    for split in splits:
+        folder = root / split
+        strangers = sorted({d.name for d in folder.iterdir() if d.is_dir()} - set(classes))
+        if strangers:
+            raise UserError(f"data=imagefolder: {folder} has class folders that train/ lacks ({', '.join(strangers)}): "
+                            "every class needs training images")
+        if not any((split, c) in class_dirs for c in classes):
+            raise UserError(f"data=imagefolder: no images ({', '.join(IMG_EXTENSIONS)}) under {folder}/<class>/: "
+                            "add some, or remove the folder to carve this split from train/")
+        samples[split] = []
+        for label, c in enumerate(classes):
+            if (split, c) not in class_dirs:
+                continue
+            where = f"{split}/{c}"
+            found = _images_under(class_dirs[split, c], entered, os.path.realpath(root))
+            if not found:
+                raise UserError(f"data=imagefolder: {class_dirs[split, c]} holds no images "
+                                f"({', '.join(IMG_EXTENSIONS)}): add some, or remove the folder")
+            for path in found:
+                real = os.path.realpath(path)
+                if real in first_seen:
+                    if first_seen[real][0] == where:
+                        continue  # one file reached twice within its own class: read once
+                    raise UserError(f"data=imagefolder: {path} is the same file as {first_seen[real][1]} ({where} and "
+                                    f"{first_seen[real][0]}): an image must sit in one split and one class; remove "
+                                    "one of the two")
+                first_seen[real] = (where, path)
+                samples[split].append((path, label))
+    return samples
+
+
+def _images_under(folder: Path, entered: set[str], root: str) -> list[str]:
+    """Image files under `folder`, sorted; links are followed into folders not `entered` yet."""
+    found = []
+    for here, dirs, files in os.walk(folder, followlinks=True):
+        keep = []
+        for d in sorted(dirs):
+            real = os.path.realpath(os.path.join(here, d))
+            if real in entered or os.path.commonpath([real, root]) == real:  # read already, or above the data
+                log.warning("data=imagefolder: not entering %s: it leads to %s, which is read already or holds the "
+                            "whole dataset (a loop, or a link into another class or split)",
+                            os.path.join(here, d), real)
+                continue
+            entered.add(real)
+            keep.append(d)
+        dirs[:] = keep
+        found += [os.path.join(here, f) for f in files if f.lower().endswith(IMG_EXTENSIONS)]
+    return sorted(found)
+
+
+def read_image(path: str, mode: str) -> Image.Image:
+    """An image file as a PIL image in `mode` ("L" or "RGB"), read as what it holds: pixels of more than 8 bits
+    are scaled to 8 (their high byte, as Pillow reads 16-bit colour), never clipped to white."""
+    try:
+        with Image.open(path) as img:
+            if img.mode.startswith("I"):  # "I;16*": 16-bit grayscale (PNG, TIFF); "I": 32-bit integers
+                pixels = np.asarray(img)
+                if pixels.min() < 0 or pixels.max() > 65535:
+                    raise UserError(f"data=imagefolder: {path} holds 32-bit pixel values beyond 16 bits: convert it "
+                                    "to an 8- or 16-bit image")
+                img = Image.fromarray((pixels.astype(np.uint32) >> 8).astype(np.uint8), "L")
+            elif img.mode == "F":
+                raise UserError(f"data=imagefolder: {path} holds floating-point pixels, whose range is not known: "
+                                "convert it to an 8- or 16-bit image")
+            return img.convert(mode)
+    except Image.DecompressionBombError as e:
+        raise UserError(f"data=imagefolder: {path} is too large to read safely ({e}): shrink it, or remove it") from e
+    except (OSError, SyntaxError, ValueError) as e:  # corrupt or truncated: stop, naming the file
+        raise UserError(f"data=imagefolder: cannot read image {path} ({_line(e)}): remove or replace the file") from e

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
+from PIL import Image
 
 from conftest import write_cifar, write_idx, write_imagefolder
 from hsci.loaders import input_fn
@@ -170,3 +171,37 @@ def test_a_batched_fetch_gives_the_same_samples_as_one_by_one(cfg_of, tmp_path):
         assert torch.equal(x[b], one_x) and int(y[b]) == int(one_y)
     x, y = data.val[[4, 1]]
     assert torch.equal(x[1], data.val[1][0])
+
+
+def test_imagefolder_reads_16_bit_images_as_what_they_hold(cfg_of, tmp_path):
+    write_imagefolder(tmp_path, splits=("train", "val", "test"), per_class=2)
+    dark = np.full((10, 10), 1000, np.uint16)  # 1000 of 65535: nearly black, not white
+    Image.fromarray(dark).save(tmp_path / "test" / "cat" / "dark16.png")
+    assert Image.open(tmp_path / "test" / "cat" / "dark16.png").mode == "I;16"
+    for channels, mean in ((3, "[0.5,0.5,0.5]"), (1, "[0.5]")):
+        data = load(cfg_of, "imagefolder", f"data.root={tmp_path}", "data.image_size=10", f"data.channels={channels}",
+                    f"data.mean={mean}", f"data.std={mean}")
+        i = next(i for i, (path, _) in enumerate(data.test.samples) if path.endswith("dark16.png"))
+        x, _ = data.test[i]
+        assert x.shape == (channels, 10, 10) and torch.equal(x, torch.full_like(x, 1000 >> 8))  # the high byte: 3
+
+
+def test_imagefolder_walks_links_without_loops_and_counts_each_file_once(cfg_of, tmp_path):
+    write_imagefolder(tmp_path, splits=("train", "val", "test"), per_class=4)
+    (tmp_path / "train" / "cat" / "up").symlink_to(tmp_path / "train")  # a loop, reaching every class
+    (tmp_path / "train" / "dog" / "cats").symlink_to(tmp_path / "train" / "cat")  # another class's folder
+    (tmp_path / "train" / "fox" / "twice.png").symlink_to(tmp_path / "train" / "fox" / "1.png")  # one file twice
+    extra = tmp_path.parent / f"{tmp_path.name}_more_foxes"
+    write_imagefolder(extra, classes=("fox",), per_class=2)
+    (tmp_path / "train" / "fox" / "more").symlink_to(extra / "train" / "fox")  # a link to images elsewhere: read
+    data = load(cfg_of, "imagefolder", f"data.root={tmp_path}")
+    assert len(data.train) == 12 + 2 and len(data.val) == 12 and len(data.test) == 12
+    assert sum("/more/" in path for path, _ in data.train.samples) == 2
+    assert sorted(label for _, label in data.train.samples) == [0] * 4 + [1] * 4 + [2] * 6
+
+
+def test_an_empty_class_folder_is_an_error(cfg_of, tmp_path):
+    write_imagefolder(tmp_path, per_class=4)
+    (tmp_path / "train" / "wolf").mkdir()
+    message = load_error(cfg_of, "imagefolder", f"data.root={tmp_path}")
+    assert f"{tmp_path / 'train' / 'wolf'} holds no images" in message
