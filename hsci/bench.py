@@ -20,9 +20,13 @@ from hsci.train import peak_memory_gb, reset_peak_memory, train_epoch, warm_up
 
 def run_bench(args: list[str]) -> int:
     """`hsci bench [key=value ...] [steps=30 warmup=5]`."""
-    opts = {k: int(v) for k, v in (a.split("=", 1) for a in args if a.split("=", 1)[0] in ("steps", "warmup"))}
+    given = dict(a.split("=", 1) for a in args if a.split("=", 1)[0] in ("steps", "warmup"))
+    opts = {"steps": "30", "warmup": "5"} | given
+    for key, least in (("steps", 1), ("warmup", 0)):
+        if not opts[key].isdigit() or int(opts[key]) < least:
+            raise UserError(f"{key}={opts[key]} is invalid: it must be a whole number, at least {least}")
+    steps, warmup = int(opts["steps"]), int(opts["warmup"])
     cfg = compose([a for a in args if a.split("=", 1)[0] not in opts])
-    steps, warmup = opts.get("steps", 30), opts.get("warmup", 5)
     try:
         data, absent = instantiate(cfg.data), None
     except Exception as e:
@@ -87,8 +91,13 @@ def synthetic(cfg, data: Data | None, n: int) -> Data:
 
 
 def loader_rate(loader, to_input, device: torch.device, batches: int) -> float:
-    """Images per second the loader delivers as model input on `device`, after one batch of warm-up."""
-    it = iter(loader)
+    """Images per second the loader delivers as model input on `device`, over `batches` batches after one of
+    warm-up; a set of fewer batches is gone through again, as epochs would."""
+    def stream():
+        while True:
+            yield from loader
+
+    it = stream()
     next(it)
     start, n = time.perf_counter(), 0
     for _, (x, _) in zip(range(batches), it):

@@ -11,6 +11,7 @@ import resource
 import signal
 import sys
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -25,12 +26,17 @@ from torch.utils.data import default_collate
 
 import hsci
 from hsci import UserError, interrupt, report, rundir, user_error
-from hsci.build import Parts, build, check_values, pick_device
+from hsci.build import Parts, build, pick_device
 from hsci.evaluate import evaluate, make_metrics, monitor
 from hsci.loaders import Timed, start_epoch
+from hsci.schema import check_values
 
 # What a resumed run may change: where the data lives and how the loop runs, never the experiment.
 RESUMABLE = ("trainer.", "data.root", "data.download", "data.num_workers")
+# What a last.pt holds to carry on exactly: `epoch` epochs complete, then `step` steps of the next one, whose
+# losses add up to `loss_sum` over `seen` samples; the best epoch's record, and epochs since it (`stale`).
+POSITION = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "loss_sum", "seen", "best_record",
+            "stale")
 # What summary.json says of a run's outcome: cleared when a resume sets it running again.
 RESULTS = ("error", "device", "precision", "channels_last", "loader", "compile_s", "startup_s", "epochs_run",
            "monitor", "mode", "best_epoch", "best_val", "test")
@@ -48,6 +54,7 @@ def main(cfg: DictConfig, changes: list[str] = ()) -> None:
         try:
             cfg, state, summary = reopen(run_dir, changes)
         except UserError as e:  # refused before anything in the run directory changed
+            report.log.error("resume refused: %s", e)
             return finish({"status": "failed", "error": str(e)}, hydra_cfg)
     else:
         state = None
@@ -59,7 +66,7 @@ def main(cfg: DictConfig, changes: list[str] = ()) -> None:
         rundir.write_json(run_dir / "summary.json", summary)
         return finish(summary, hydra_cfg)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    rundir.write_atomic(run_dir / ".hydra" / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(config).encode()))
+    rundir.write_config(run_dir, config)
     summary = {k: v for k, v in summary.items() if k not in RESULTS} | {"status": "running", "error": None}
     rundir.write_json(run_dir / "summary.json", summary)
     start = time.time()
@@ -71,9 +78,14 @@ def main(cfg: DictConfig, changes: list[str] = ()) -> None:
         summary |= {"status": "interrupted", "error": f"stopped at once; resume with hsci train resume={run_dir}"}
     except Exception as e:
         cause = user_error(e)
-        error = str(cause) if cause else f"{type(e).__name__}: {e} (traceback in {run_dir / 'train.log'})"
+        error = str(cause) if cause else (f"{type(e).__name__}: {' '.join(str(e).split())} "  # one line
+                                          f"(traceback in {run_dir / 'train.log'})")
         report.log.exception(error)
         summary |= {"status": "failed", "error": error}
+    except BaseException as e:  # SystemExit from a library, or worse: recorded, then on its way
+        summary |= {"status": "failed", "error": f"ended by {type(e).__name__}({e}) before it completed"}
+        report.log.exception(summary["error"])
+        raise
     finally:
         summary["duration_s"] = round(summary.get("duration_s", 0) + time.time() - start, 3)
         rundir.write_json(run_dir / "summary.json", summary)
@@ -90,7 +102,7 @@ def finish(summary: dict, hydra_cfg) -> None:
         report.log.error(message)
     report.error(message)
     if hydra_cfg.mode == RunMode.RUN:
-        sys.exit({signal.SIGINT: 130, signal.SIGTERM: 143}.get(interrupt.requested(), 1))
+        sys.exit(interrupt.exit_code() if interrupt.requested() else 1)
 
 
 def reopen(run_dir: Path, changes: list[str]) -> tuple[DictConfig, dict | None, dict]:
@@ -98,11 +110,12 @@ def reopen(run_dir: Path, changes: list[str]) -> tuple[DictConfig, dict | None, 
     none yet) and its summary so far."""
     cfg = rundir.load_config(run_dir, changes, RESUMABLE, "resume")
     last = run_dir / "checkpoints" / "last.pt"
-    state = rundir.load_checkpoint(last) if last.exists() else None
+    state = rundir.load_checkpoint(last, POSITION) if last.exists() else None
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
-        summary = {"name": cfg.name, "run_dir": str(run_dir), "seed": cfg.seed}
+        summary = {"name": cfg.name, "seed": cfg.seed}
+    summary["run_dir"] = str(run_dir)  # where the run is now, if it was moved or copied
     check_values(cfg)  # nothing in the run directory changes for a resume that cannot go on
     pick_device(cfg.trainer.device)
     if summary.get("status") == "completed" and state:
@@ -133,7 +146,7 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
     scaler = torch.amp.GradScaler(device.type, enabled=p.precision == "fp16")
     metrics = make_metrics(data.task, data.num_outputs).to(device)
     key, mode = monitor(data.task)
-    at = {"epoch": 0, "step": 0, "loss_sum": 0.0, "seen": 0, "best_record": {}, "stale": 0}
+    at = {"epoch": 0, "step": 0, "loss_sum": 0.0, "seen": 0, "best_record": {}, "stale": 0}  # see POSITION
     if state:
         at = restore(state, model, opt, sched, scaler, run_dir / "checkpoints" / "last.pt")
         report.say(f"resuming at epoch {at['epoch'] + 1}, step {at['step']}")
@@ -158,7 +171,8 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
         if t.early_stop_patience and stale >= t.early_stop_patience:
             report.say(f"early stop: no better {key} for {stale} epochs")
             break
-        first = min(at["step"], steps) if epoch == at["epoch"] + 1 else 0  # trainer.limit_batches may have shrunk
+        # A resumed epoch carries on from the step it stopped after, even past a trainer.limit_batches that shrank.
+        first = at["step"] if epoch == at["epoch"] + 1 else 0
         loss_sum = torch.tensor(at["loss_sum"] if first else 0.0, device=device)
         seen = seen_before = at["seen"] if first else 0
         start_epoch(p.train_loader, epoch, first)
@@ -175,7 +189,7 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
             return setup | stopped(run_dir, done, f"at epoch {epoch}, step {step}")
         if not math.isfinite(val["loss"]):
             raise Diverged(f"the validation loss is {val['loss']} after epoch {epoch}: {DIVERGED_HINT}")
-        record = {"epoch": epoch, "train_loss": loss_sum.item() / steps, **{f"val_{k}": v for k, v in val.items()},
+        record = {"epoch": epoch, "train_loss": loss_sum.item() / step, **{f"val_{k}": v for k, v in val.items()},
                   "lr": lr, "epoch_s": epoch_s, "train_img_per_s": (seen - seen_before) / epoch_s,
                   "data_wait_s": batches.wait_s, "max_mem_gb": peak_memory_gb(device)}
         rundir.append_jsonl(run_dir / "metrics.jsonl", record)
@@ -244,12 +258,18 @@ def better(record: dict, best: dict, key: str, mode: str) -> bool:
 
 
 def restore(state: dict, model: nn.Module, opt, sched, scaler, source: Path) -> dict:
-    """Put model, optimizer, scheduler, grad scaler and every random generator back as `state` has them;
-    returns the loop's position and best-so-far."""
+    """Put model, optimizer, scheduler, grad scaler and every random generator back as `state` has them, the
+    learning rate where the schedule (as now configured) has it at the step reached; returns the loop's
+    position and best-so-far."""
     rundir.load_weights(model, state["model"], source)
     opt.load_state_dict(state["optimizer"])
     counters = {k: state["scheduler"][k] for k in ("last_epoch", "_step_count")}
     sched.load_state_dict(sched.state_dict() | counters)  # the schedule's length follows trainer.epochs
+    with warnings.catch_warnings():  # torch's note that get_lr() is meant for inside step()
+        warnings.simplefilter("ignore")
+        rates = sched.get_lr()  # this step's rate on the schedule as it is now, not as it was saved
+    for group, lr in zip(opt.param_groups, rates):
+        group["lr"] = lr
     if state["scaler"] and scaler.is_enabled():
         scaler.load_state_dict(state["scaler"])
     rundir.set_rng_state(state["rng"])
