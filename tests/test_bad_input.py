@@ -3,21 +3,17 @@ run directory that looks like a finished run. Untrusted checkpoints never run co
 
 import os
 import pickle
+import shutil
+import struct
+import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import hsci, run_dirs, summary_of, write_imagefolder
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A finished smoke run (digits, cnn) to resume and evaluate."""
-    cwd = tmp_path_factory.mktemp("finished")
-    assert hsci("train", "experiment=smoke", cwd=cwd).returncode == 0
-    return run_dirs(cwd)[0]
+from conftest import hsci, run_dirs, summary_of, write_idx, write_imagefolder
 
 
 def broken_run(finished: Path, where: Path) -> Path:
@@ -72,6 +68,71 @@ def outputs_is_a_file(cwd: Path) -> list[str]:
     return []
 
 
+def one_image_class(root: Path) -> list[str]:
+    write_imagefolder(root, classes=("cat", "dog"), per_class=6)
+    write_imagefolder(root, classes=("fox",), per_class=1)
+    return [f"data.root={root}"]
+
+
+def huge_image(root: Path) -> list[str]:
+    """A PNG whose header declares 20,000 x 10,000 pixels, beyond Pillow's decompression-bomb limit."""
+    write_imagefolder(root, per_class=6)
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data
+                                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 10000, 8, 0, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+    (root / "train" / "dog" / "huge.png").write_bytes(png)
+    return [f"data.root={root}"]
+
+
+def same_file_in_two_splits(root: Path) -> list[str]:
+    write_imagefolder(root, splits=("train", "val"), per_class=4)
+    (root / "val" / "cat" / "extra.png").symlink_to(root / "train" / "cat" / "1.png")
+    return [f"data.root={root}"]
+
+
+def truncated_mnist(root: Path) -> list[str]:
+    write_idx(root, "MNIST")
+    images = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:5000])
+    return [f"data.root={root}", "data.download=false"]
+
+
+def tensor_as_model(where: Path) -> list[str]:
+    torch.save({"model": torch.zeros(3)}, where / "bare.pt")
+    return [f"checkpoint={where / 'bare.pt'}"]
+
+
+def foreign_last_pt(finished: Path, where: Path) -> list[str]:
+    run = broken_run(finished, where)
+    torch.save({"model": torch.load(finished / "checkpoints" / "best.pt", weights_only=True)["model"]},
+               run / "checkpoints" / "last.pt")
+    return [f"resume={run}"]
+
+
+def expanding_checkpoint(where: Path) -> list[str]:
+    """A zip checkpoint whose 50 MB record of zeros is deflated to about 50 KB (torch.save never compresses)."""
+    torch.save({"model": {"w": torch.zeros(50_000_000, dtype=torch.uint8)}}, where / "plain.pt")
+    with zipfile.ZipFile(where / "plain.pt") as src:
+        with zipfile.ZipFile(where / "small.pt", "w", zipfile.ZIP_DEFLATED) as dst:
+            for info in src.infolist():
+                dst.writestr(info.filename, src.read(info.filename))
+    (where / "plain.pt").unlink()
+    assert (where / "small.pt").stat().st_size < 1_000_000
+    return [f"checkpoint={where / 'small.pt'}"]
+
+
+def run_naming_code(finished: Path, where: Path) -> Path:
+    """A finished run from elsewhere (unsigned) whose config names shutil.copyfile as its model."""
+    run = where / "received"
+    shutil.copytree(finished, run)
+    (run / ".hydra" / "config.sig").unlink()
+    config = (run / ".hydra" / "config.yaml").read_text()
+    evil = f"_target_: shutil.copyfile\n  src: {run / 'summary.json'}\n  dst: {where / 'written-by-the-config'}"
+    (run / ".hydra" / "config.yaml").write_text(config.replace("_target_: hsci.models.cnn", evil))
+    return run
+
+
 CASES = {
     # name: (arguments, setup(tmp_path, finished) -> extra arguments, text the one line holds)
     "unknown option": (["train", "data=cifar11"], None, "Could not find 'data/cifar11'; Available options in 'data': "
@@ -118,7 +179,48 @@ CASES = {
     "output folder that cannot be written": (["train", "experiment=smoke"],
                                              lambda tmp, run: outputs_is_a_file(tmp),
                                              "cannot create the run directory"),
+    "a step schedule stepping every 0 epochs": (["train", "scheduler=step", "scheduler.step_epochs=0"], None,
+                                                "scheduler.step_epochs=0 is invalid: it must be at least 1"),
+    "a seed beyond NumPy's range": (["train", "seed=4294967296"], None, "seed=4294967296 is invalid"),
+    "a device hsci cannot train on": (["train", "trainer.device=meta"], None,
+                                      "trainer.device=meta is invalid: it must be a device hsci trains on"),
+    "three-value normalisation for one channel": (["train", "data=imagefolder", "data.channels=1"],
+                                                  lambda tmp, run: [f"data.root={tmp}"],
+                                                  "data.mean=[0.485, 0.456, 0.406] has 3 value(s) but the images "
+                                                  "have 1 channel(s)"),
+    "a class with one image": (["train", "data=imagefolder", "experiment=smoke"],
+                               lambda tmp, run: one_image_class(tmp / "images"),
+                               "class fox has 1 image(s) in train/, too few to carve test and val"),
+    "a huge image read in a worker process": (["train", "data=imagefolder", "experiment=smoke",
+                                               "trainer.limit_batches=null", "data.num_workers=2"],
+                                              lambda tmp, run: huge_image(tmp / "images"),
+                                              "huge.png is too large to read safely"),
+    "the same image in two splits": (["train", "data=imagefolder"], lambda tmp, run: same_file_in_two_splits(tmp),
+                                     "extra.png is the same file as"),
+    "a truncated MNIST file": (["train", "data=mnist", "experiment=smoke"], lambda tmp, run: truncated_mnist(tmp),
+                               "the idx files in"),
+    "MNIST without a network": (["train", "data=mnist", "experiment=smoke"], None, "(download failed: "),
+    "a checkpoint whose model is a bare tensor": (["eval", "model=cnn"], lambda tmp, run: tensor_as_model(tmp),
+                                                  "holds no model weights"),
+    "a last.pt that hsci did not write": (["train"], lambda tmp, run: foreign_last_pt(run, tmp),
+                                          "lacks optimizer, scheduler"),
+    "a small checkpoint that expands to 50 MB": (["eval", "model=cnn"], lambda tmp, run: expanding_checkpoint(tmp),
+                                                 "its records expand to 50.0 MB from a "),
+    "a received run whose config names code (eval)": (["eval"],
+                                                       lambda tmp, run: [f"run={run_naming_code(run, tmp)}"],
+                                                       "model._target_ names shutil.copyfile"),
+    "a received run whose config names code (resume)": (["train", "trainer.epochs=3"],
+                                                         lambda tmp, run: [f"resume={run_naming_code(run, tmp)}"],
+                                                         "model._target_ names shutil.copyfile"),
+    "bench with no steps": (["bench", "steps=0"], None, "steps=0 is invalid: it must be a whole number, at least 1"),
+    "bench with negative steps": (["bench", "steps=-1"], None, "steps=-1 is invalid"),
+    "bench with steps that are not a number": (["bench", "steps=abc"], None, "steps=abc is invalid"),
 }
+# Values that cannot work are refused before a run directory is made.
+BEFORE_ANY_WORK = ["zero epochs", "negative batch size", "negative learning rate", "val_fraction outside (0, 1)",
+                   "no root given", "a step schedule stepping every 0 epochs", "a seed beyond NumPy's range",
+                   "a device hsci cannot train on", "three-value normalisation for one channel",
+                   "a run directory given as hydra.run.dir"]
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +247,9 @@ def test_bad_input_fails_in_one_clear_line(case, outcomes):
     assert "Traceback" not in result.stdout + result.stderr
     for run in run_dirs(tmp_path):
         assert not (run / "summary.json").exists() or summary_of(run)["status"] != "completed"
+    if case in BEFORE_ANY_WORK:
+        assert not (tmp_path / "outputs").exists()
+    assert not (tmp_path / "written-by-the-config").exists()  # a received config never runs its code
 
 
 def test_a_failed_run_keeps_the_traceback_in_its_log(tmp_path):

@@ -9,9 +9,11 @@ import select
 import subprocess
 import sys
 
+import numpy as np
 import torch
+from PIL import Image
 
-from conftest import hsci, run_dirs, summary_of, write_cifar
+from conftest import hsci, run_dirs, summary_of, write_cifar, write_imagefolder
 
 
 def test_help_lists_verbs_and_groups_without_importing_torch():
@@ -133,6 +135,28 @@ def test_sweep_runs_every_job_and_summarises_them_best_first(tmp_path):
         rows = list(csv.DictReader(f))
     assert [row["status"] for row in rows] == statuses
     assert "2 of 4 jobs did not complete" in result.stderr
+    # A later sweep pointed at this one is refused before any job, and leaves it as it was.
+    before = (sweep / "sweep_summary.json").read_bytes()
+    again = hsci("train", "-m", "experiment=smoke", "seed=1,2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert again.returncode == 2
+    assert again.stderr.strip() == (f"error: hydra.sweep.dir={sweep} already holds a run or sweep: choose a new "
+                                    "directory")
+    assert (sweep / "sweep_summary.json").read_bytes() == before
+    assert sorted(p.name for p in sweep.glob("?")) == list("0123")
+
+
+def test_an_imagefolder_at_a_home_path_with_16_bit_images_and_a_link_loop(tmp_path):
+    write_imagefolder(tmp_path / "pets", per_class=6)
+    for c in ("cat", "dog", "fox"):
+        Image.fromarray(np.full((12, 12), 40000, np.uint16)).save(tmp_path / "pets" / "train" / c / "deep.png")
+    (tmp_path / "pets" / "train" / "cat" / "up").symlink_to(tmp_path / "pets" / "train")
+    result = hsci("train", "data=imagefolder", "data.root=~/pets", "experiment=smoke", "data.image_size=16",
+                  cwd=tmp_path, env={"HOME": str(tmp_path)})  # the README's example, with ~ as written
+    assert result.returncode == 0, result.stderr
+    assert "train/val/test 15/3/3" in result.stdout  # 3 x 7 images, each once: carved 15 + 3 + 3
+    [run] = run_dirs(tmp_path)
+    assert f"root: {tmp_path / 'pets'}" in (run / ".hydra" / "config.yaml").read_text()
+    assert f"not entering {tmp_path / 'pets' / 'train' / 'cat' / 'up'}" in (run / "train.log").read_text()
 
 
 def test_your_own_config_folder_adds_options(tmp_path):

@@ -123,6 +123,13 @@ def test_bench_measures_the_step_and_the_loader(tmp_path):
     assert not (tmp_path / "outputs").exists()  # a benchmark makes no run directory
 
 
+def test_bench_with_a_batch_larger_than_the_set(tmp_path):
+    # digits' 1,221 training images make one loader batch of 5,000, gone through again for every timed batch.
+    result = hsci("bench", "data.batch_size=5000", "steps=2", "warmup=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "batch 5000" in result.stdout and "loader (torch" in result.stdout and "bound by the" in result.stdout
+
+
 def test_bench_without_the_data_uses_the_declared_shape(tmp_path):
     result = hsci("bench", "data=cifar10", "data.download=false", "model=cnn", "steps=2", "warmup=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -2,6 +2,7 @@
 divergence, interrupted sweeps."""
 
 import json
+import math
 import random
 import shutil
 import signal
@@ -62,21 +63,22 @@ def records(run: Path) -> list[dict]:
 
 def test_stopped_by_signals_then_resumed_ends_bit_identical(reference, tmp_path):
     proc = start(EXPERIMENT, tmp_path)
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # Ctrl-C, a scheduler, a closed terminal
         run = wait_for_training(tmp_path, proc)
         time.sleep(random.uniform(0.05, 0.3))  # mid-epoch, most likely
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
-        assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], err
+        assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}[sig], err
         summary = summary_of(run)
         assert summary["status"] == "interrupted" and f"resume with: hsci train resume={run}" in summary["error"]
+        assert f"run interrupted: {sig.name} at epoch" in (run / "train.log").read_text()
         state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
         assert {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "stale", "config"} <= set(state)
         proc = start([f"resume={run}"], tmp_path)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     summary = summary_of(run)
-    assert summary["status"] == "completed" and len(summary["resumed"]) == 2
+    assert summary["status"] == "completed" and len(summary["resumed"]) == 3
     assert summary["test"] == summary_of(reference)["test"]
     assert same_weights(run, reference)
     assert [r["epoch"] for r in records(run)] == list(range(1, 7))  # each epoch once
@@ -111,6 +113,8 @@ def test_extending_a_finished_run(reference, tmp_path):
     assert result.returncode == 0, result.stderr
     assert [r["epoch"] for r in records(run)] == list(range(1, 9))
     assert summary_of(run)["epochs_run"] == 8
+    # Epoch 7 starts where the 8-epoch cosine schedule stands after 6 epochs, not at the 6-epoch one's end (0).
+    assert records(run)[6]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 6 / 8)))
     before = {p: (run / p).read_bytes() for p in ("summary.json", ".hydra/config.yaml", "metrics.jsonl")}
     for change, why in [("optimizer.lr=0.5", "optimizer.lr=0.5 would change the experiment"),
                         ("data.num_workers=-1", "data.num_workers=-1 is invalid")]:
@@ -160,10 +164,13 @@ def test_resume_after_limit_batches_shrank_below_the_step_reached(tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=30)
-    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] >= 20
+    stopped = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert stopped["step"] >= 20
     result = hsci("train", f"resume={run}", "trainer.limit_batches=5", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert [r["epoch"] for r in records(run)] == [1, 2, 3]
+    # Epoch 2 ends at once, its train_loss the mean over the steps it had made.
+    assert records(run)[1]["train_loss"] == pytest.approx(stopped["loss_sum"] / stopped["step"])
 
 
 def test_eval_reproduces_the_summary_exactly(reference, tmp_path):
@@ -225,7 +232,7 @@ def test_an_interrupted_sweep_records_every_job_and_exits_non_zero(tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0
+    assert proc.returncode == 130
     [sweep] = (tmp_path / "outputs" / "multirun").glob("*/*")
     jobs = {job["job"]: job for job in json.loads((sweep / "sweep_summary.json").read_text())["jobs"]}
     assert [jobs[n]["status"] for n in "012"] == ["interrupted"] * 3
