@@ -4,6 +4,7 @@ This module holds what every layer may use without importing torch or Hydra: whe
 are, and the errors hsci reports to the user in one line.
 """
 
+import re
 import time
 from pathlib import Path
 
@@ -60,6 +61,9 @@ def one_line(report: str) -> str:
     return "; ".join(line.rstrip(".:") if i < len(out) - 1 else line for i, line in enumerate(out))
 
 
-def quote(value: str) -> str:
-    """A value quoted for Hydra's override grammar."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+def quote(value: str, mark: str = "'") -> str:
+    """A value quoted for Hydra's override grammar (and OmegaConf's, which quotes alike) with `mark`, ' or ":
+    the mark is escaped, and so are the backslashes right before it or the closing one; any other backslash
+    stands as it is."""
+    escaped = re.sub(rf"(\\*)({mark}|\Z)", lambda m: m[1] * 2 + ("\\" + mark if m[2] else ""), value)
+    return mark + escaped + mark

@@ -35,12 +35,14 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored (nohup, &)
+        signal.signal(signal.SIGINT, interrupt.at_once)
     sys.stdout, sys.stderr = _BestEffort.around(sys.stdout), _BestEffort.around(sys.stderr)
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
-    verb, rest = args[0], [_home(arg) for arg in args[1:]]
     try:
+        verb, rest = args[0], [_home(arg) for arg in args[1:]]
         if verb == "train":
             return train(rest)
         if verb == "eval":
@@ -56,22 +58,24 @@ def main(argv: list[str] | None = None) -> int:
 
             return one_line_errors(trust.run_trust, rest)
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (or a second one inside): stop, in one line
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C would interrupt the line itself
         return fail("stopped by Ctrl-C", 128 + signal.SIGINT)
     return fail(f"unknown command '{verb}'; commands: {', '.join(VERBS)} (see hsci --help)", 2)
+
 
 
 OWN_KEYS = ("resume", "run", "checkpoint", "split", "steps", "warmup")  # read by hsci itself, not by Hydra
 
 
 def _home(arg: str) -> str:
-    """`key=~/path` with `~` expanded, as a shell does in an assignment: Hydra's grammar has no `~` in a value."""
+    """`key=~/path` (or a sweep's `key=~/a,~/b`) with `~` expanded, as a shell does in an assignment: Hydra's
+    grammar has no `~` in a value."""
     key, eq, value = arg.partition("=")
-    if not eq or not value.startswith("~") or key in OWN_KEYS:
+    items = value.split(",")
+    if not eq or key in OWN_KEYS or not any(item.startswith("~") for item in items):
         return arg
     if key.startswith("-"):  # --config-dir=~/conf: a path for Hydra itself, not an override
         return f"{key}={os.path.expanduser(value)}"
-    return f"{key}={quote(os.path.expanduser(value))}"
+    return key + "=" + ",".join(quote(os.path.expanduser(item)) if item.startswith("~") else item for item in items)
 
 
 def fail(msg: str, code: int = 1) -> int:
@@ -87,7 +91,7 @@ def one_line_errors(verb, args: list[str]) -> int:
         return verb(args)
     except Exception as e:
         cause = user_error(e)
-        return fail(str(cause) if cause else f"{type(e).__name__}: {e}")
+        return fail(str(cause) if cause else f"{type(e).__name__}: {' '.join(str(e).split())}")
 
 
 def train(args: list[str]) -> int:
@@ -237,7 +241,9 @@ def _hydra_app(task):
     from omegaconf import OmegaConf
 
     from hsci import schema
+    from hsci.owner import job_dir
 
     schema.register()
     OmegaConf.register_new_resolver("hsci_new_dir", _new_dir, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("hsci_job_dir", job_dir, replace=True)  # a sweep job's folder: hsci/owner.py
     return hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(task)

@@ -21,13 +21,19 @@ def exit_code() -> int:
     return 128 + received[0]
 
 
+def at_once(signum: int, frame) -> None:
+    """Ctrl-C that stops at once: KeyboardInterrupt, with further Ctrl-Cs ignored so none cuts the stop short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 @contextmanager
 def caught() -> Iterator[None]:
     """While inside, the first stop signal is recorded instead of ending the process."""
 
     def handler(signum: int, frame) -> None:
         received.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second one: KeyboardInterrupt at once
+        signal.signal(signal.SIGINT, at_once)  # a second one: KeyboardInterrupt at once
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
         sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step and saving "

@@ -13,12 +13,14 @@ Nothing here imports torch: `hsci train resume=` looks runs up through it.
 """
 
 import fcntl
+import functools
 import os
 import socket
 import time
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
@@ -28,6 +30,7 @@ from hsci import Refused, UserError, one_line, quote
 LOCK = ".lock"
 # What a folder holds once a run or a sweep has written into it.
 RECORDS = (".hydra", "summary.json", "metrics.jsonl", "checkpoints", "sweep_summary.json")
+WRITTEN = (*RECORDS, LOCK, "train.log", "sweep_summary.csv", "multirun.yaml")  # and eval_<split>.json
 _held: dict[Path, int] = {}  # the directories this process owns, with the descriptor that holds each lock
 
 
@@ -37,8 +40,11 @@ def claim(folder: Path, verb: str) -> None:
     folder = folder.resolve()
     if folder in _held:
         return
+    _refuse_links(folder, verb)
     try:
-        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except IsADirectoryError as e:
+        raise UserError(f"{verb}: {folder / LOCK} is a folder, where hsci keeps its lock file: remove it") from e
     except OSError as e:
         raise UserError(f"{verb}: cannot write to {folder} ({e.strerror}): copy the run directory to a writable "
                         "folder and resume the copy, or start hsci where it can write") from e
@@ -70,8 +76,8 @@ def owner(folder: Path) -> str | None:
     if folder.resolve() in _held:
         return None
     try:
-        fd = os.open(folder / LOCK, os.O_RDONLY)
-    except OSError:  # never owned
+        fd = os.open(folder / LOCK, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:  # never owned (or not hsci's lock file)
         return None
     try:
         fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken and dropped (by the close) at once: a probe
@@ -85,6 +91,19 @@ def owner(folder: Path) -> str | None:
 def _read_owner(fd: int) -> str:
     pid, _, host = os.pread(fd, 256, 0).decode(errors="replace").strip().partition(" ")
     return f"process {pid} on {host}" if pid.isdigit() else "another process"
+
+
+def _refuse_links(folder: Path, verb: str) -> None:
+    """hsci writes plain files only, and never through a link: a run directory from elsewhere could link its
+    train.log or summary.json to any file of yours (~/.bashrc), which writing the run would overwrite."""
+    entries = [folder / name for name in WRITTEN] + list(folder.glob("eval_*.json"))
+    for place in (folder / ".hydra", folder / "checkpoints"):
+        entries += place.iterdir() if place.is_dir() and not place.is_symlink() else []
+    link = next((entry for entry in entries if entry.is_symlink()), None)
+    if link:
+        raise UserError(f"{verb}: {link} is a link (to {os.readlink(link)}), and hsci writes into a run directory "
+                        "only plain files of its own: replace the link with a copy of what it points to, or "
+                        "remove it")
 
 
 def holds_record(folder: Path) -> bool:
@@ -112,9 +131,24 @@ def find_run(name: str, key: str, needs: str = ".hydra/config.yaml", skip_owned:
     return run
 
 
+def _strict(check):
+    """Hydra's callback runner turns an exception into a warning and goes on: a check that breaks must stop."""
+
+    @functools.wraps(check)
+    def run(*args, **kwargs):
+        try:
+            return check(*args, **kwargs)
+        except Exception as e:
+            raise Refused(f"hsci could not check where this run writes ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())})") from e
+
+    return run
+
+
 class Guard(Callback):
     """Hydra callback: every run and every sweep starts in a directory of its own, owned by this process."""
 
+    @_strict
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         HydraConfig.instance().set_config(config)  # `name` and the run directory read hydra's runtime choices
         if config.resume:  # the run's own directory, found by `hsci train`; its saved config is checked later
@@ -123,16 +157,29 @@ class Guard(Callback):
         _check(config)
         _own(_settle(config, "run"), "train")
 
+    @_strict
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         HydraConfig.instance().set_config(config)
+        swept = [o.key_or_group for o in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+                 if o.is_sweep_override()]
+        _check(config, tuple(swept))  # the values every job shares; a value swept over is checked by its job
         sweep_dir = _settle(config, "sweep")
         _own(sweep_dir, "sweep")
+        subdir = str(OmegaConf.to_container(config.hydra.sweep, resolve=False)["subdir"])
+        if "'" in subdir:
+            raise Refused(f"hydra.sweep.subdir={subdir}: a job's folder name cannot hold a quote", 2)
+        # Each job's folder is checked by `job_dir` before Hydra writes there; the expression is quoted for
+        # OmegaConf in double quotes, and the override for Hydra in single ones.
+        guarded = "${hsci_job_dir:" + quote(subdir, '"') + "}"
         with read_write(config.hydra.overrides):  # each job's config is composed anew from these overrides
-            config.hydra.overrides.hydra.append(f"hydra.sweep.dir={quote(str(sweep_dir))}")
+            config.hydra.overrides.hydra += [f"hydra.sweep.dir={quote(str(sweep_dir))}",
+                                             f"hydra.sweep.subdir={quote(guarded)}"]
 
+    @_strict
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         _own(Path(config.hydra.runtime.output_dir), "train")
 
+    @_strict
     def on_job_end(self, config: DictConfig, **kwargs) -> None:
         if config.hydra.mode == RunMode.MULTIRUN:
             release(Path(config.hydra.runtime.output_dir))
@@ -145,13 +192,29 @@ def _own(folder: Path, verb: str) -> None:
         raise Refused(str(e)) from e
 
 
-def _check(config: DictConfig) -> None:
+def job_dir(subdir: str) -> str:
+    """Resolver of a sweep job's folder (`hydra.sweep.subdir`, wrapped by `Guard`), before Hydra writes there:
+    a new folder inside the sweep's, never one that holds a run, another job's or one outside the sweep."""
+    sweep_dir = Path(HydraConfig.get().sweep.dir).resolve()
+    folder = (sweep_dir / str(subdir)).resolve()
+    if sweep_dir not in folder.parents:
+        raise Refused(f"hydra.sweep.subdir={subdir} leads out of the sweep's folder {sweep_dir}: give each job a "
+                      "folder of its own inside it (the default is the job's number)", 2)
+    who = owner(folder)
+    if who or holds_record(folder):
+        raise Refused(f"hydra.sweep.subdir={subdir}: {folder} already holds "
+                      f"{'a run in use by ' + who if who else 'a run'}: give each job a folder of its own (the "
+                      "default is the job's number)", 2)
+    return str(subdir)
+
+
+def _check(config: DictConfig, swept: tuple[str, ...] = ()) -> None:
     """Values that compose but cannot train are refused before the run directory exists."""
     from hsci.schema import check_values
 
     task = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])  # hydra's keys resolve late
     try:
-        check_values(task)
+        check_values(task, swept)
         if task.trainer.device not in ("auto", "cpu"):  # is it there? torch can tell (and the run needs it next)
             from hsci.build import pick_device
 
@@ -163,6 +226,9 @@ def _check(config: DictConfig) -> None:
 def _settle(config: DictConfig, kind: str) -> Path:
     """The directory `hydra.<kind>.dir` names, resolved and written back as a plain path, so that what is
     checked is where Hydra writes; created when absent, refused when a run or sweep already wrote there."""
+    if config.hydra.output_subdir not in (None, ".hydra"):  # Hydra would write the run's config elsewhere
+        raise Refused(f"hydra.output_subdir={config.hydra.output_subdir}: hsci keeps a run's config in "
+                      "<run dir>/.hydra, where resume, eval and the sweep summary read it: leave it as it is", 2)
     node = config.hydra[kind]
     try:
         folder = Path(str(node.dir)).expanduser().resolve()  # the default makes a fresh folder (hsci_new_dir)

@@ -23,9 +23,12 @@ from hsci import UserError, schema, trust
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """Write `path` through a temporary file, fsync and rename: a reader sees the old file or the new, whole."""
+    """Write `path` through a new temporary file, fsync and rename: a reader sees the old file or the new,
+    whole. Neither is written through a link (a leftover or planted temporary file is replaced, and the
+    rename replaces a link at `path` itself, not what it points to)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    tmp.unlink(missing_ok=True)
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb") as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
@@ -37,15 +40,18 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644), "w") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def write_config(run_dir: Path, config: dict) -> None:
     """Save the run's config as .hydra/config.yaml, signed as this user's (hsci/trust.py)."""
     text = OmegaConf.to_yaml(config).encode()
+    (run_dir / ".hydra").mkdir(exist_ok=True)  # absent when hydra.output_subdir=null
     write_atomic(run_dir / ".hydra" / "config.yaml", lambda f: f.write(text))
-    trust.sign(run_dir, text)
+    signatures = trust.signatures(run_dir, text)
+    if signatures:
+        write_atomic(run_dir / trust.SIGNATURE, lambda f: f.write(signatures.encode()))
 
 
 def load_config(run_dir: Path, changes: list[str], allowed: tuple[str, ...], verb: str) -> DictConfig:

@@ -85,13 +85,17 @@ CHECKS = [("seed", lambda v: 0 <= v < 2**32, "between 0 and 2**32 - 1 (429496729
           ("scheduler.final_div_factor", lambda v: v > 0, "above 0")]
 
 
-def check_values(cfg: DictConfig) -> None:
-    """Refuse values that compose but cannot train, and keys left without a value, before any work."""
-    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))  # hydra's fill in later
+def check_values(cfg: DictConfig, skip: tuple[str, ...] = ()) -> None:
+    """Refuse values that compose but cannot train, and keys left without a value, before any work; keys in
+    `skip`, and keys under them, are left to the jobs of a sweep that sets them."""
+    def skipped(key: str) -> bool:
+        return any(key == s or key.startswith(s + ".") for s in ("hydra", *skip))
+
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not skipped(k))
     if missing:
         raise UserError(f"{', '.join(missing)} must be set: add {' '.join(k + '=...' for k in missing)} to the command")
     for key, ok, requirement in CHECKS:
-        value = OmegaConf.select(cfg, key, default="absent")
+        value = "absent" if skipped(key) else OmegaConf.select(cfg, key, default="absent")
         try:
             valid = value == "absent" or ok(value)
         except TypeError:  # a value of another type (a user's own config): a string where a number belongs
@@ -99,6 +103,8 @@ def check_values(cfg: DictConfig) -> None:
         if not valid:
             raise UserError(f"{key}={value} is invalid: it must be {requirement}")
     data = cfg.data
+    if skipped("data.mean") or skipped("data.std") or skipped("data.channels") or skipped("data.image_shape"):
+        return
     channels = data.get("channels") or (data.get("image_shape") or [None])[0]
     for key in ("mean", "std") if channels and "mean" in data else ():
         values = list(data[key])

@@ -58,21 +58,22 @@ def _mac(key: bytes, text: bytes) -> str:
     return f"hmac-sha256:{hashlib.sha256(key).hexdigest()[:16]}:{hmac.new(key, text, hashlib.sha256).hexdigest()}"
 
 
-def sign(run_dir: Path, text: bytes, add: bool = False) -> None:
-    """Sign the config bytes `text` as this user's: the signature file holds this user's line alone, or, with
-    `add` (`hsci trust`: the config is unchanged), this line besides the other users' ones. Where no key can
-    be kept, a run goes on unsigned (and must then pass the check a run from elsewhere does)."""
-    path = run_dir / SIGNATURE
+def signatures(run_dir: Path, text: bytes, add: bool = False) -> str | None:
+    """What the signature file should hold to sign the config bytes `text` as this user's: this user's line
+    alone, or, with `add` (`hsci trust`: the config is unchanged), beside the other users' lines. None where
+    no key can be kept: the run goes on unsigned, and must then pass the check a run from elsewhere does."""
     try:
         line = _mac(_key(create=True), text)
+        path = run_dir / SIGNATURE
         others = [old for old in path.read_text().splitlines() if old.rsplit(":", 1)[0] != line.rsplit(":", 1)[0]] \
-            if add and path.exists() else []
-        path.write_text("".join(f"{entry}\n" for entry in [*others, line]))
+            if add and path.is_file() else []
     except (OSError, ValueError) as e:
         message = f"cannot sign {run_dir / '.hydra' / 'config.yaml'} with the key in {key_file()} ({e})"
         if add:
             raise UserError(f"trust: {message}: set XDG_CONFIG_HOME to a folder of yours that hsci can write") from e
         log.warning("%s: resume and eval will treat this run as one from elsewhere", message)
+        return None
+    return "".join(f"{entry}\n" for entry in [*others, line])
 
 
 def signed(run_dir: Path, text: bytes) -> bool:
@@ -134,13 +135,24 @@ def allowed(target: str) -> bool:
 
 def run_trust(args: list[str]) -> int:
     """`hsci trust run=<run dir>`: sign a run directory's config as this user's."""
+    from hsci import rundir
     from hsci.owner import find_run
 
     if len(args) != 1 or not args[0].startswith("run="):
         raise UserError("usage: hsci trust run=<run dir> (signs its .hydra/config.yaml as yours: read it first)")
     run = find_run(args[0].split("=", 1)[1], "run")
-    text = (run / ".hydra" / "config.yaml").read_bytes()
-    targets = {str(v) for _, k, v in _walk(OmegaConf.to_container(OmegaConf.create(text.decode()))) if k == "_target_"}
-    sign(run, text, add=True)
-    print(f"trusted {run}: eval and resume will build what its config names: {', '.join(sorted(targets))}")
+    path = run / ".hydra" / "config.yaml"
+    text = path.read_bytes()
+    try:
+        config = OmegaConf.to_container(OmegaConf.create(text.decode()), resolve=False)
+    except Exception as e:  # not YAML, or not a mapping: nothing hsci could build from
+        raise UserError(f"trust: cannot read {path} ({' '.join(str(e).split())[:200]})") from e
+    values = list(_walk(config))
+    hidden = next((f"{where}{key}" for where, key, value in values if isinstance(value, str) and "${" in value), None)
+    if hidden:  # what an interpolation builds cannot be read off the file
+        raise UserError(f"trust: {path} holds an interpolation at {hidden}, which hsci never saves and whose result "
+                        "cannot be read off the file: remove or resolve it, then trust the run")
+    rundir.write_atomic(run / SIGNATURE, lambda f: f.write(signatures(run, text, add=True).encode()))
+    targets = sorted({str(value) for _, key, value in values if key == "_target_"})
+    print(f"trusted {run}: eval and resume will build what its config names: {', '.join(targets)}")
     return 0
