@@ -105,12 +105,18 @@ def image_folders(root: Path, classes: list[str]) -> dict[str, list[tuple[str, i
     """(path, label) of every image under <root>/<split>/<class>/ for the splits present (train, val, test).
 
     Links are followed, but no folder is entered twice, so a link back up (a loop) or into another class
-    or split adds nothing; one file, by its real path, may sit in one split and one class only. A class
-    folder without images is an error, not a class that can never be predicted."""
+    or split adds nothing; one file (however reached: links, hard links) may sit in one split and one class
+    only. A class folder without images is an error, not a class that can never be predicted."""
     splits = [split for split in ("train", "val", "test") if (root / split).is_dir()]
     class_dirs = {(split, c): root / split / c for split in splits for c in classes if (root / split / c).is_dir()}
-    entered = {os.path.realpath(d) for d in (root, *(root / split for split in splits), *class_dirs.values())}
-    first_seen: dict[str, tuple[str, str]] = {}  # a file's real path -> (split/class, the path it was found at)
+    reals = sorted((os.path.realpath(d) + os.sep, d) for d in class_dirs.values())  # a folder inside another: next
+    for (outer, a), (inner, b) in zip(reals, reals[1:]):
+        if inner.startswith(outer):
+            raise UserError(f"data=imagefolder: {b} and {a} hold the same images (one is, or links into, the other): "
+                            "give each class of each split a folder of its own")
+    class_reals = {real.removesuffix(os.sep) for real, _ in reals}
+    entered = {os.path.realpath(d) for d in (root, *(root / split for split in splits))} | class_reals
+    first_seen: dict[tuple[int, int], tuple[str, str]] = {}  # a file (device, inode) -> (split/class, path found)
     samples = {}
     for split in splits:
         folder = root / split
@@ -126,12 +132,13 @@ def image_folders(root: Path, classes: list[str]) -> dict[str, list[tuple[str, i
             if (split, c) not in class_dirs:
                 continue
             where = f"{split}/{c}"
-            found = _images_under(class_dirs[split, c], entered, os.path.realpath(root))
+            found = _images_under(class_dirs[split, c], entered, os.path.realpath(root), class_reals)
             if not found:
                 raise UserError(f"data=imagefolder: {class_dirs[split, c]} holds no images "
                                 f"({', '.join(IMG_EXTENSIONS)}): add some, or remove the folder")
             for path in found:
-                real = os.path.realpath(path)
+                stat = os.stat(path)
+                real = (stat.st_dev, stat.st_ino)  # one file, however reached: links, hard links
                 if real in first_seen:
                     if first_seen[real][0] == where:
                         continue  # one file reached twice within its own class: read once
@@ -143,16 +150,20 @@ def image_folders(root: Path, classes: list[str]) -> dict[str, list[tuple[str, i
     return samples
 
 
-def _images_under(folder: Path, entered: set[str], root: str) -> list[str]:
-    """Image files under `folder`, sorted; links are followed into folders not `entered` yet."""
+def _images_under(folder: Path, entered: set[str], root: str, class_dirs: set[str]) -> list[str]:
+    """Image files under `folder`, sorted; links are followed into folders not `entered` yet that lie neither
+    above the dataset's `root` nor inside another class's folder (whose images are that class's)."""
+    own = os.path.realpath(folder)
+    others = class_dirs - {own}
     found = []
     for here, dirs, files in os.walk(folder, followlinks=True):
         keep = []
         for d in sorted(dirs):
             real = os.path.realpath(os.path.join(here, d))
-            if real in entered or os.path.commonpath([real, root]) == real:  # read already, or above the data
-                log.warning("data=imagefolder: not entering %s: it leads to %s, which is read already or holds the "
-                            "whole dataset (a loop, or a link into another class or split)",
+            if (real in entered or os.path.commonpath([real, root]) == real
+                    or any(os.path.commonpath([real, other]) == other for other in others)):
+                log.warning("data=imagefolder: not entering %s: it leads to %s, which is read already, holds the "
+                            "whole dataset or belongs to another class (a loop, or a link into another class)",
                             os.path.join(here, d), real)
                 continue
             entered.add(real)
@@ -169,9 +180,9 @@ def read_image(path: str, mode: str) -> Image.Image:
         with Image.open(path) as img:
             if img.mode.startswith("I"):  # "I;16*": 16-bit grayscale (PNG, TIFF); "I": 32-bit integers
                 pixels = np.asarray(img)
-                if pixels.min() < 0 or pixels.max() > 65535:
-                    raise UserError(f"data=imagefolder: {path} holds 32-bit pixel values beyond 16 bits: convert it "
-                                    "to an 8- or 16-bit image")
+                if 32 in (getattr(img, "tag_v2", None) or {}).get(258, ()) or pixels.min() < 0 or pixels.max() > 65535:
+                    raise UserError(f"data=imagefolder: {path} holds 32-bit integer pixels, whose range is not known: "
+                                    "convert it to an 8- or 16-bit image")
                 img = Image.fromarray((pixels.astype(np.uint32) >> 8).astype(np.uint8), "L")
             elif img.mode == "F":
                 raise UserError(f"data=imagefolder: {path} holds floating-point pixels, whose range is not known: "
