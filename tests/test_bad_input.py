@@ -133,6 +133,15 @@ def run_naming_code(finished: Path, where: Path) -> Path:
     return run
 
 
+def linked_lock(finished: Path, where: Path) -> list[str]:
+    """A received run whose .lock links to a file elsewhere: taking the lock must not create or write it."""
+    run = where / "received"
+    shutil.copytree(finished, run)
+    (run / ".lock").unlink()
+    (run / ".lock").symlink_to(where / "written-by-the-config")
+    return [f"resume={run}"]
+
+
 CASES = {
     # name: (arguments, setup(tmp_path, finished) -> extra arguments, text the one line holds)
     "unknown option": (["train", "data=cifar11"], None, "Could not find 'data/cifar11'; Available options in 'data': "
@@ -212,6 +221,18 @@ CASES = {
     "a received run whose config names code (resume)": (["train", "trainer.epochs=3"],
                                                          lambda tmp, run: [f"resume={run_naming_code(run, tmp)}"],
                                                          "model._target_ names shutil.copyfile"),
+    "a received run whose .lock is a link (resume)": (["train", "trainer.epochs=3"],
+                                                      lambda tmp, run: linked_lock(run, tmp),
+                                                      "/received/.lock is a link (to "),
+    "a config kept outside the run directory": (["train", "experiment=smoke", "hydra.output_subdir=../elsewhere"],
+                                                None, "hydra.output_subdir=../elsewhere: hsci keeps a run's config"),
+    "a sweep job's folder outside the sweep's": (["train", "-m", "experiment=smoke", "seed=5",
+                                                  "hydra.sweep.subdir=../escaped"], None,
+                                                 "hydra.sweep.subdir=../escaped leads out of the sweep's folder"),
+    "two sweep jobs in one folder": (["train", "-m", "experiment=smoke", "seed=0,1", "hydra.sweep.subdir=same"],
+                                     None, "hydra.sweep.subdir=same: "),
+    "a sweep whose shared value cannot work": (["train", "-m", "trainer.epochs=0", "seed=1,2"], None,
+                                               "trainer.epochs=0 is invalid: it must be at least 1"),
     "bench with no steps": (["bench", "steps=0"], None, "steps=0 is invalid: it must be a whole number, at least 1"),
     "bench with negative steps": (["bench", "steps=-1"], None, "steps=-1 is invalid"),
     "bench with steps that are not a number": (["bench", "steps=abc"], None, "steps=abc is invalid"),
@@ -220,7 +241,8 @@ CASES = {
 BEFORE_ANY_WORK = ["zero epochs", "negative batch size", "negative learning rate", "val_fraction outside (0, 1)",
                    "no root given", "a step schedule stepping every 0 epochs", "a seed beyond NumPy's range",
                    "a device hsci cannot train on", "three-value normalisation for one channel",
-                   "a run directory given as hydra.run.dir"]
+                   "a run directory given as hydra.run.dir", "a config kept outside the run directory",
+                   "a sweep whose shared value cannot work"]
 
 
 @pytest.fixture(scope="module")

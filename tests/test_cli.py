@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import hsci, run_dirs, summary_of, write_cifar, write_imagefolder
+from hsci.cli import _home
 
 
 def test_help_lists_verbs_and_groups_without_importing_torch():
@@ -143,6 +144,14 @@ def test_sweep_runs_every_job_and_summarises_them_best_first(tmp_path):
                                     "directory")
     assert (sweep / "sweep_summary.json").read_bytes() == before
     assert sorted(p.name for p in sweep.glob("?")) == list("0123")
+
+
+def test_a_home_path_on_the_command_line_is_expanded_as_a_shell_would(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert _home("data.root=~/pets") == f"data.root='{tmp_path}/pets'"
+    assert _home("data.root=~/a,~/b") == f"data.root='{tmp_path}/a','{tmp_path}/b'"  # a sweep's list, item by item
+    assert _home("resume=~/run") == "resume=~/run"  # read by hsci itself, which expands it
+    assert _home("name=a~b") == "name=a~b"
 
 
 def test_an_imagefolder_at_a_home_path_with_16_bit_images_and_a_link_loop(tmp_path):

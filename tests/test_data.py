@@ -1,5 +1,6 @@
 """Loading datasets from small files written in their real on-disk formats; splits; augmentation; input step."""
 
+import os
 import pickle
 
 import numpy as np
@@ -9,8 +10,9 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from conftest import write_cifar, write_idx, write_imagefolder
+from hsci import UserError, user_error
+from hsci.datafiles import read_image
 from hsci.loaders import input_fn
-from hsci import user_error
 
 
 def load(cfg_of, option, *overrides):
@@ -194,10 +196,27 @@ def test_imagefolder_walks_links_without_loops_and_counts_each_file_once(cfg_of,
     extra = tmp_path.parent / f"{tmp_path.name}_more_foxes"
     write_imagefolder(extra, classes=("fox",), per_class=2)
     (tmp_path / "train" / "fox" / "more").symlink_to(extra / "train" / "fox")  # a link to images elsewhere: read
+    write_imagefolder(tmp_path, classes=("dog/sub",), per_class=2)  # dog's own subfolder ...
+    (tmp_path / "train" / "cat" / "dogs").symlink_to(tmp_path / "train" / "dog" / "sub")  # ... linked from cat
     data = load(cfg_of, "imagefolder", f"data.root={tmp_path}")
-    assert len(data.train) == 12 + 2 and len(data.val) == 12 and len(data.test) == 12
+    assert len(data.train) == 12 + 2 + 2 and len(data.val) == 12 and len(data.test) == 12
+    assert {label for path, label in data.train.samples if "/sub/" in path or "/dogs/" in path} == {1}  # dog's
     assert sum("/more/" in path for path, _ in data.train.samples) == 2
-    assert sorted(label for _, label in data.train.samples) == [0] * 4 + [1] * 4 + [2] * 6
+    assert sorted(label for _, label in data.train.samples) == [0] * 4 + [1] * 6 + [2] * 6
+
+
+def test_a_hard_link_across_splits_is_the_same_file(cfg_of, tmp_path):
+    write_imagefolder(tmp_path, splits=("train", "val"), per_class=4)
+    os.link(tmp_path / "train" / "cat" / "1.png", tmp_path / "val" / "dog" / "copy.png")
+    assert "copy.png is the same file as" in load_error(cfg_of, "imagefolder", f"data.root={tmp_path}")
+
+
+def test_images_of_unknown_range_are_refused_by_name(tmp_path):
+    Image.fromarray(np.full((4, 4), 200, np.int32)).save(tmp_path / "deep.tif")  # 32-bit integers
+    Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(tmp_path / "float.tif")
+    for name, why in (("deep.tif", "32-bit integer pixels"), ("float.tif", "floating-point pixels")):
+        with pytest.raises(UserError, match=f"{name} holds {why}"):
+            read_image(str(tmp_path / name), "RGB")
 
 
 def test_an_empty_class_folder_is_an_error(cfg_of, tmp_path):

@@ -1,6 +1,7 @@
 """Untrusted run directories: a config this user's hsci signed builds as it is; one from elsewhere builds only
 what hsci's own configs can name, until `hsci trust` signs it."""
 
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -61,20 +62,35 @@ def test_a_config_from_elsewhere_may_not_hold_interpolations(tmp_path):
         trust.check(cfg, tmp_path / ".hydra" / "config.yaml", "eval")
 
 
+def test_hsci_trust_refuses_a_config_whose_interpolations_hide_what_it_builds(finished, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    config = run / ".hydra" / "config.yaml"
+    hidden = "\n  note: \"${oc.create:'{_target_: shutil.copyfile, _args_: [a, b]}'}\""
+    config.write_text(config.read_text().replace("_target_: hsci.models.cnn", "_target_: hsci.models.cnn" + hidden))
+    with pytest.raises(UserError, match="holds an interpolation at model.note"):
+        trust.run_trust([f"run={run}"])
+    assert not trust.signed(run, config.read_bytes())
+
+
 def test_signatures_are_per_user_and_per_content(tmp_path, monkeypatch):
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
     text = b"seed: 0\n"
+
+    def sign(text: bytes, add: bool = False) -> None:
+        (run / trust.SIGNATURE).write_text(trust.signatures(run, text, add))
+
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "a"))
-    trust.sign(run, text)
+    sign(text)
     assert trust.signed(run, text) and not trust.signed(run, b"seed: 1\n")
     assert (tmp_path / "a" / "hsci" / "key").stat().st_mode & 0o777 == 0o600
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "b"))
     assert not trust.signed(run, text)
-    trust.sign(run, text, add=True)  # `hsci trust` by a second user keeps the first user's signature
+    sign(text, add=True)  # `hsci trust` by a second user keeps the first user's signature
     assert trust.signed(run, text)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "a"))
     assert trust.signed(run, text)
-    trust.sign(run, b"seed: 1\n")  # a config written anew: only its writer's signature
+    sign(b"seed: 1\n")  # a config written anew: only its writer's signature
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "b"))
     assert not trust.signed(run, b"seed: 1\n")
