@@ -62,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     return fail(f"unknown command '{verb}'; commands: {', '.join(VERBS)} (see hsci --help)", 2)
 
 
-
 OWN_KEYS = ("resume", "run", "checkpoint", "split", "steps", "warmup")  # read by hsci itself, not by Hydra
 
 
