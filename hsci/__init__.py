@@ -35,6 +35,11 @@ def user_error(e: BaseException | None) -> UserError | None:
     return e
 
 
+def flat(text: object) -> str:
+    """A message (an exception's, say) on one line: its lines and runs of spaces joined by single spaces."""
+    return " ".join(str(text).split())
+
+
 def config_dir() -> Path:
     """The shipped configs: inside the installed package, or the repository's top-level conf/."""
     here = Path(__file__).resolve().parent

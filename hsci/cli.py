@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from hsci import Refused, config_dir, interrupt, one_line, quote
+from hsci import Refused, config_dir, flat, interrupt, one_line, quote
 
 VERBS = {
     "train": "train, validate every epoch, test the best checkpoint: hsci train [key=value ...]; "
@@ -90,7 +90,7 @@ def one_line_errors(verb, args: list[str]) -> int:
         return verb(args)
     except Exception as e:
         cause = user_error(e)
-        return fail(str(cause) if cause else f"{type(e).__name__}: {' '.join(str(e).split())}")
+        return fail(str(cause) if cause else f"{type(e).__name__}: {flat(e)}")
 
 
 def train(args: list[str]) -> int:

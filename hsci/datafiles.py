@@ -17,7 +17,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.datasets.utils import download_and_extract_archive
 
-from hsci import UserError
+from hsci import UserError, flat
 
 log = logging.getLogger("hsci")
 
@@ -31,7 +31,7 @@ def idx_files(cls, name: str, root: str, download: bool):
     try:
         train, test = cls(root, train=True), cls(root, train=False)
     except (RuntimeError, ValueError, AssertionError, OSError) as e:  # torchvision's reader on a cut or foreign file
-        raise UserError(f"data={name}: the idx files in {folder} are not readable ({_line(e)}): delete them and "
+        raise UserError(f"data={name}: the idx files in {folder} are not readable ({flat(e)}): delete them and "
                         "download again (data.download=true)") from e
     return train.data.unsqueeze(1), train.targets, test.data.unsqueeze(1), test.targets  # (N, 1, 28, 28)
 
@@ -86,7 +86,7 @@ def _require(name: str, folder: Path, files: list[str], download: bool, fetch: C
                 fetch()
             why = "the download did not produce them"
         except Exception as e:  # any failure to fetch is reported the same way below
-            why = f"download failed: {type(e).__name__}: {_line(e)}"
+            why = f"download failed: {type(e).__name__}: {flat(e)}"
         finally:
             socket.setdefaulttimeout(previous)
             log.info("data=%s: download: %s", name, printed.getvalue().strip())
@@ -94,11 +94,6 @@ def _require(name: str, folder: Path, files: list[str], download: bool, fetch: C
     if missing:
         raise UserError(f"data={name}: missing {', '.join(missing)} in {folder} ({why}); put the files there, "
                         "set data.root to the folder that holds them, or download with network access")
-
-
-def _line(e: BaseException) -> str:
-    """An exception's message on one line."""
-    return " ".join(str(e).split())
 
 
 def image_folders(root: Path, classes: list[str]) -> dict[str, list[tuple[str, int]]]:
@@ -191,4 +186,4 @@ def read_image(path: str, mode: str) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise UserError(f"data=imagefolder: {path} is too large to read safely ({e}): shrink it, or remove it") from e
     except (OSError, SyntaxError, ValueError) as e:  # corrupt or truncated: stop, naming the file
-        raise UserError(f"data=imagefolder: cannot read image {path} ({_line(e)}): remove or replace the file") from e
+        raise UserError(f"data=imagefolder: cannot read image {path} ({flat(e)}): remove or replace the file") from e

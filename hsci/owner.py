@@ -25,7 +25,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from hsci import Refused, UserError, one_line, quote
+from hsci import Refused, UserError, flat, one_line, quote
 
 LOCK = ".lock"
 # What a folder holds once a run or a sweep has written into it.
@@ -139,8 +139,7 @@ def _strict(check):
         try:
             return check(*args, **kwargs)
         except Exception as e:
-            raise Refused(f"hsci could not check where this run writes ({type(e).__name__}: "
-                          f"{' '.join(str(e).split())})") from e
+            raise Refused(f"hsci could not check where this run writes ({type(e).__name__}: {flat(e)})") from e
 
     return run
 

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 import hsci
-from hsci import UserError, interrupt, report, rundir, user_error
+from hsci import UserError, flat, interrupt, report, rundir, user_error
 from hsci.build import Parts, build, pick_device
 from hsci.evaluate import evaluate, make_metrics, monitor
 from hsci.loaders import Timed, start_epoch
@@ -78,8 +78,7 @@ def main(cfg: DictConfig, changes: list[str] = ()) -> None:
         summary |= {"status": "interrupted", "error": f"stopped at once; resume with hsci train resume={run_dir}"}
     except Exception as e:
         cause = user_error(e)
-        error = str(cause) if cause else (f"{type(e).__name__}: {' '.join(str(e).split())} "  # one line
-                                          f"(traceback in {run_dir / 'train.log'})")
+        error = str(cause) if cause else f"{type(e).__name__}: {flat(e)} (traceback in {run_dir / 'train.log'})"
         report.log.exception(error)
         summary |= {"status": "failed", "error": error}
     except BaseException as e:  # SystemExit from a library, or worse: recorded, then on its way

@@ -4,9 +4,9 @@ A run's `.hydra/config.yaml` names what to build (`_target_`), and building runs
 received from someone else could name `shutil.copyfile` as its model. So hsci signs every config it saves
 with a key of this user's (an HMAC-SHA256 of the file's bytes, in `.hydra/config.sig`; the key is 32
 random bytes made on first use in `~/.config/hsci/key`, or under $XDG_CONFIG_HOME, readable by this user
-only). `eval` and `resume` build a signed config as it is; any other config may name only what hsci's own configs can: hsci's builders and
-torch/torchvision models, losses, optimizers and schedulers. `hsci trust run=<dir>` signs a run that the
-user has read and trusts, so that it builds as their own.
+only). `eval` and `resume` build a signed config as it is; any other config may name only what hsci's own
+configs can: hsci's builders and torch/torchvision models, losses, optimizers and schedulers.
+`hsci trust run=<dir>` signs a run that the user has read and trusts, so that it builds as their own.
 """
 
 import hashlib
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from hsci import UserError
+from hsci import UserError, flat
 
 SIGNATURE = Path(".hydra") / "config.sig"
 BUILDERS = ("hsci.data", "hsci.models", "hsci.schedulers")  # the modules behind hsci's config groups
@@ -89,16 +89,24 @@ def signed(run_dir: Path, text: bytes) -> bool:
 def check(cfg: DictConfig, path: Path, verb: str) -> None:
     """Refuse a config from elsewhere that names anything hsci's own configs cannot, or that holds an
     interpolation (resolvers can make folders; hsci saves configs resolved)."""
-    for where, key, value in _walk(OmegaConf.to_container(cfg, resolve=False)):
-        if isinstance(value, str) and "${" in value:
-            raise UserError(f"{verb}: refusing {path}: {where}{key} holds an interpolation ({value[:60]}), which hsci "
-                            f"never saves; {_HINT.format(run=path.parent.parent)}")
+    values = list(_walk(OmegaConf.to_container(cfg, resolve=False)))
+    hidden = _interpolation(values)
+    if hidden:
+        raise UserError(f"{verb}: refusing {path}: {hidden[0]} holds an interpolation ({hidden[1][:60]}), which hsci "
+                        f"never saves; {_HINT.format(run=path.parent.parent)}")
+    for where, key, value in values:
         if key == "_target_" and not allowed(str(value)):
             raise UserError(f"{verb}: refusing {path}: {where}_target_ names {value}, which hsci builds only from a "
                             f"config it wrote; {_HINT.format(run=path.parent.parent)}")
 
 
 _HINT = "if you trust this run directory, run hsci trust run={run} first (README: Untrusted files)"
+
+
+def _interpolation(values: list) -> tuple[str, str] | None:
+    """(where, text) of the first interpolation among a config's `_walk`ed values, if any."""
+    return next(((f"{where}{key}", value) for where, key, value in values
+                 if isinstance(value, str) and "${" in value), None)
 
 
 def _walk(node, where: str = ""):
@@ -146,12 +154,12 @@ def run_trust(args: list[str]) -> int:
     try:
         config = OmegaConf.to_container(OmegaConf.create(text.decode()), resolve=False)
     except Exception as e:  # not YAML, or not a mapping: nothing hsci could build from
-        raise UserError(f"trust: cannot read {path} ({' '.join(str(e).split())[:200]})") from e
+        raise UserError(f"trust: cannot read {path} ({flat(e)[:200]})") from e
     values = list(_walk(config))
-    hidden = next((f"{where}{key}" for where, key, value in values if isinstance(value, str) and "${" in value), None)
+    hidden = _interpolation(values)
     if hidden:  # what an interpolation builds cannot be read off the file
-        raise UserError(f"trust: {path} holds an interpolation at {hidden}, which hsci never saves and whose result "
-                        "cannot be read off the file: remove or resolve it, then trust the run")
+        raise UserError(f"trust: {path} holds an interpolation at {hidden[0]}, which hsci never saves and whose "
+                        "result cannot be read off the file: remove or resolve it, then trust the run")
     rundir.write_atomic(run / SIGNATURE, lambda f: f.write(signatures(run, text, add=True).encode()))
     targets = sorted({str(value) for _, key, value in values if key == "_target_"})
     print(f"trusted {run}: eval and resume will build what its config names: {', '.join(targets)}")
