@@ -1,4 +1,5 @@
-"""Datasets. Each `conf/data/<name>.yaml` calls one function here, which returns a `Data` bundle.
+"""Datasets. Each `conf/data/<name>.yaml` calls one function here, which returns a `Data` bundle; its
+arguments are the file's keys (the image sets' common ones come from `conf/data/base/`).
 
 Images are kept as uint8 (N, C, H, W) and normalised on the device (hsci/loaders.py); tables come
 standardised with the training split's statistics. Splits that a dataset lacks are carved with a
@@ -139,36 +140,57 @@ def _augmented(x: torch.Tensor, augment: CropFlip | None, seed: int | None) -> t
     return augment(x, seed)
 
 
-def digits(test_fraction: float, **common) -> Data:
+def digits(test_fraction: float, image_shape: list[int], num_classes: int, batch_size: int, num_workers: int | str,
+           loader: str, val_fraction: float, split_seed: int, mean: list[float], std: list[float],
+           random_crop_padding: int, horizontal_flip: bool) -> Data:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images): real data that needs no network."""
     bunch = load_digits()
     x = torch.from_numpy(np.round(bunch.images * 255 / 16)).to(torch.uint8).unsqueeze(1)  # (N, 1, 8, 8)
     y = torch.from_numpy(bunch.target)
-    rest, test = _split(y, test_fraction, common["split_seed"])
-    return _images("digits", x[rest], y[rest], x[test], y[test], **common)
+    rest, test = _split(y, test_fraction, split_seed)
+    return _images("digits", x[rest], y[rest], x[test], y[test], image_shape, num_classes, batch_size, num_workers,
+                   loader, val_fraction, split_seed, mean, std, random_crop_padding, horizontal_flip)
 
 
-def mnist(root: str, download: bool, **common) -> Data:
+def mnist(root: str, download: bool, image_shape: list[int], num_classes: int, batch_size: int,
+          num_workers: int | str, loader: str, val_fraction: float, split_seed: int, mean: list[float],
+          std: list[float], random_crop_padding: int, horizontal_flip: bool) -> Data:
     """MNIST in torchvision's layout: <root>/MNIST/raw/*-ubyte."""
-    return _images("mnist", *idx_files(datasets.MNIST, "mnist", root, download), **common)
+    return _images("mnist", *idx_files(datasets.MNIST, "mnist", root, download), image_shape, num_classes,
+                   batch_size, num_workers, loader, val_fraction, split_seed, mean, std, random_crop_padding,
+                   horizontal_flip)
 
 
-def fashion_mnist(root: str, download: bool, **common) -> Data:
+def fashion_mnist(root: str, download: bool, image_shape: list[int], num_classes: int, batch_size: int,
+                  num_workers: int | str, loader: str, val_fraction: float, split_seed: int, mean: list[float],
+                  std: list[float], random_crop_padding: int, horizontal_flip: bool) -> Data:
     """Fashion-MNIST in torchvision's layout: <root>/FashionMNIST/raw/*-ubyte."""
-    return _images("fashion_mnist", *idx_files(datasets.FashionMNIST, "fashion_mnist", root, download), **common)
+    return _images("fashion_mnist", *idx_files(datasets.FashionMNIST, "fashion_mnist", root, download), image_shape,
+                   num_classes, batch_size, num_workers, loader, val_fraction, split_seed, mean, std,
+                   random_crop_padding, horizontal_flip)
 
 
-def cifar10(root: str, download: bool, **common) -> Data:
+def cifar10(root: str, download: bool, image_shape: list[int], num_classes: int, batch_size: int,
+            num_workers: int | str, loader: str, val_fraction: float, split_seed: int, mean: list[float],
+            std: list[float], random_crop_padding: int, horizontal_flip: bool) -> Data:
     """CIFAR-10 in torchvision's layout: <root>/cifar-10-batches-py/."""
-    return _images("cifar10", *cifar(datasets.CIFAR10, "cifar10", root, download, "labels"), **common)
+    return _images("cifar10", *cifar(datasets.CIFAR10, "cifar10", root, download, "labels"), image_shape,
+                   num_classes, batch_size, num_workers, loader, val_fraction, split_seed, mean, std,
+                   random_crop_padding, horizontal_flip)
 
 
-def cifar100(root: str, download: bool, **common) -> Data:
+def cifar100(root: str, download: bool, image_shape: list[int], num_classes: int, batch_size: int,
+             num_workers: int | str, loader: str, val_fraction: float, split_seed: int, mean: list[float],
+             std: list[float], random_crop_padding: int, horizontal_flip: bool) -> Data:
     """CIFAR-100 (fine labels) in torchvision's layout: <root>/cifar-100-python/."""
-    return _images("cifar100", *cifar(datasets.CIFAR100, "cifar100", root, download, "fine_labels"), **common)
+    return _images("cifar100", *cifar(datasets.CIFAR100, "cifar100", root, download, "fine_labels"), image_shape,
+                   num_classes, batch_size, num_workers, loader, val_fraction, split_seed, mean, std,
+                   random_crop_padding, horizontal_flip)
 
 
-def fake(train_size: int, test_size: int, image_shape: list[int], num_classes: int, **common) -> Data:
+def fake(train_size: int, test_size: int, image_shape: list[int], num_classes: int, batch_size: int,
+         num_workers: int | str, loader: str, val_fraction: float, split_seed: int, mean: list[float],
+         std: list[float], random_crop_padding: int, horizontal_flip: bool) -> Data:
     """torchvision's FakeData: random images of any (C, H, W) and class count, for smoke runs and benchmarks."""
 
     def make(size: int, offset: int):
@@ -176,13 +198,13 @@ def fake(train_size: int, test_size: int, image_shape: list[int], num_classes: i
         pairs = [ds[i] for i in range(size)]
         return torch.stack([x for x, _ in pairs]), torch.tensor([int(y) for _, y in pairs])
 
-    return _images("fake", *make(train_size, 0), *make(test_size, train_size), image_shape=image_shape,
-                   num_classes=num_classes, **common)
+    return _images("fake", *make(train_size, 0), *make(test_size, train_size), image_shape, num_classes, batch_size,
+                   num_workers, loader, val_fraction, split_seed, mean, std, random_crop_padding, horizontal_flip)
 
 
-def imagefolder(root: str, image_size: int, channels: int, val_fraction: float, test_fraction: float,
-                split_seed: int, random_crop_padding: int, horizontal_flip: bool, batch_size: int,
-                num_workers: int | str, loader: str, mean: list[float], std: list[float]) -> Data:
+def imagefolder(root: str, image_size: int, channels: int, test_fraction: float, batch_size: int,
+                num_workers: int | str, loader: str, val_fraction: float, split_seed: int, mean: list[float],
+                std: list[float], random_crop_padding: int, horizontal_flip: bool) -> Data:
     """A user's own images: <root>/{train,val,test}/<class>/*.png|jpg; val/ and test/ are optional."""
     root_dir = Path(root).expanduser().resolve()
     train_dir = root_dir / "train"
@@ -215,21 +237,25 @@ def imagefolder(root: str, image_size: int, channels: int, val_fraction: float, 
                  batch_size, num_workers, loader, mean, std)
 
 
-def breast_cancer(**split) -> Data:
+def breast_cancer(batch_size: int, num_workers: int | str, loader: str, val_fraction: float, test_fraction: float,
+                  split_seed: int) -> Data:
     """scikit-learn's Wisconsin breast cancer table (569 x 30): binary classification."""
     bunch = load_breast_cancer()
-    return _table(bunch.data, bunch.target, "binary", **split)
+    return _table(bunch.data, bunch.target, "binary", batch_size, num_workers, loader, val_fraction, test_fraction,
+                  split_seed)
 
 
-def diabetes(**split) -> Data:
+def diabetes(batch_size: int, num_workers: int | str, loader: str, val_fraction: float, test_fraction: float,
+             split_seed: int) -> Data:
     """scikit-learn's diabetes table (442 x 10): regression of disease progression."""
     bunch = load_diabetes()
-    return _table(bunch.data, bunch.target, "regression", **split)
+    return _table(bunch.data, bunch.target, "regression", batch_size, num_workers, loader, val_fraction,
+                  test_fraction, split_seed)
 
 
-def _images(name: str, x_train, y_train, x_test, y_test, *, image_shape: list[int], num_classes: int,
-            val_fraction: float, split_seed: int, random_crop_padding: int, horizontal_flip: bool,
-            batch_size: int, num_workers: int | str, loader: str, mean: list[float], std: list[float]) -> Data:
+def _images(name: str, x_train, y_train, x_test, y_test, image_shape: list[int], num_classes: int, batch_size: int,
+            num_workers: int | str, loader: str, val_fraction: float, split_seed: int, mean: list[float],
+            std: list[float], random_crop_padding: int, horizontal_flip: bool) -> Data:
     """A `Data` of in-memory uint8 images of the declared shape and classes; validation is carved from the
     training split."""
     found = tuple(x_train.shape[1:])
@@ -249,7 +275,7 @@ def _data(train, val, test, shape, num_classes, batch_size, num_workers, loader,
                 tuple(mean), tuple(std))
 
 
-def _table(x: np.ndarray, y: np.ndarray, task: str, *, batch_size: int, num_workers: int | str, loader: str,
+def _table(x: np.ndarray, y: np.ndarray, task: str, batch_size: int, num_workers: int | str, loader: str,
            val_fraction: float, test_fraction: float, split_seed: int) -> Data:
     """A `Data` of feature vectors, standardised with the training split's mean and std."""
     stratify = task != "regression"
