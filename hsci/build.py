@@ -123,6 +123,7 @@ def compose(overrides: list[str]) -> DictConfig:
             cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:
         raise UserError(one_line(str(e))) from e
+    schema.check_keys(cfg)
     HydraConfig.instance().set_config(cfg)  # `name` is made of the chosen options
     with open_dict(cfg):
         cfg.name = cfg.name

@@ -208,8 +208,9 @@ def job_dir(subdir: str) -> str:
 
 
 def _check(config: DictConfig, swept: tuple[str, ...] = ()) -> None:
-    """Values that compose but cannot train are refused before the run directory exists."""
-    from hsci.schema import check_values
+    """Values that compose but cannot train, and keys no builder takes, are refused before the run directory
+    exists; the cheap checks first."""
+    from hsci.schema import check_keys, check_values
 
     task = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])  # hydra's keys resolve late
     try:
@@ -218,6 +219,7 @@ def _check(config: DictConfig, swept: tuple[str, ...] = ()) -> None:
             from hsci.build import pick_device
 
             pick_device(task.trainer.device)
+        check_keys(config, swept)  # imports the builders, as the run does next
     except UserError as e:
         raise Refused(str(e), 2) from e
 

@@ -1,4 +1,5 @@
-"""Every option of every config group composes from the real conf/ and instantiates into working objects."""
+"""Every option of every config group composes from the real conf/, holds only keys its builder takes and
+instantiates into working objects."""
 
 import pytest
 import torch
@@ -6,10 +7,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import write_cifar, write_idx, write_imagefolder
+from hsci import UserError
 from hsci.cli import config_dir
 from hsci.data import Data
 from hsci.schema import Precision
-from hsci.build import check_loss
+from hsci.build import check_loss, compose
 
 
 def options(group: str) -> list[str]:
@@ -24,6 +26,34 @@ def test_every_group_has_the_public_options():
     assert options("optimizer") == ["adam", "adamw", "sgd"]
     assert options("scheduler") == ["cosine", "none", "onecycle", "step"]
     assert {"smoke", "cifar10_resnet18"} <= set(options("experiment"))
+
+
+@pytest.mark.parametrize("group", ["data", "model", "loss", "optimizer", "scheduler", "experiment"])
+def test_every_key_of_every_option_is_a_setting_of_its_builder(group):
+    for option in options(group):
+        cfg = compose([f"{group}={option}"])  # refuses a key that a builder does not take
+        assert OmegaConf.missing_keys(cfg) <= {"data.root"}  # the bases leave nothing unset (imagefolder's root)
+
+
+def test_a_key_no_builder_takes_is_refused_naming_where_it_came_from(tmp_path):
+    with pytest.raises(UserError, match=r"^model\.hiden is not a setting of hsci\.models\.cnn \(given on the command "
+                                        r"line as \+model\.hiden=64\): did you mean model\.hidden\? \(its settings: "
+                                        r"hidden, dropout, conv_dropout\)$"):
+        compose(["+model.hiden=64"])
+    (tmp_path / "data" / "base").mkdir(parents=True)  # a user's own dataset on a base of their own
+    (tmp_path / "data" / "base" / "mine.yaml").write_text(
+        "# my base\ndefaults:\n  - /data/base/images@_here_\n  - _self_\nbatch_sise: 16\n")
+    (tmp_path / "data" / "mine.yaml").write_text(
+        "# my data\ndefaults:\n  - base/mine@_here_\n  - _self_\n_target_: hsci.data.fake\ntrain_size: 64\n"
+        "test_size: 16\nimage_shape: [1, 8, 8]\nnum_classes: 2\nmean: [0.5]\nstd: [0.25]\n")
+    with pytest.raises(UserError, match=rf"^data\.batch_sise is not a setting of hsci\.data\.fake \(in "
+                                        rf"{tmp_path}/data/base/mine\.yaml\): did you mean data\.batch_size\?"):
+        compose([f"hydra.searchpath=[file://{tmp_path}]", "data=mine"])
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "mine.yaml").write_text("# my model\n_target_: hsci.models.cnnn\n")
+    with pytest.raises(UserError, match=rf"^model\._target_=hsci\.models\.cnnn cannot be imported \(in "
+                                        rf"{tmp_path}/model/mine\.yaml\): ModuleNotFoundError"):
+        compose([f"hydra.searchpath=[file://{tmp_path}]", "model=mine"])
 
 
 def test_default_config(cfg_of):
