@@ -23,7 +23,7 @@ from hsci.bench import synthetic
 from hsci.build import build, compose
 from hsci.data import CropFlip, Tensors
 from hsci.loaders import make_loader, start_epoch
-from hsci.train import train_epoch
+from hsci.step import Epoch, Readings, optimizing, train_epoch
 
 
 def sync(device: torch.device) -> None:
@@ -35,9 +35,7 @@ def steps(cfg, n_steps: int, rounds: int) -> dict:
     """Images per second of the hsci step and the bare step, alternating, median over `rounds`."""
     p = build(cfg, data=synthetic(cfg, None, 2 * cfg.data.batch_size))
     x_u8, y = (t[:cfg.data.batch_size].to(p.device) for t in (p.data.train.x, p.data.train.y))
-    hsci_opt = instantiate(cfg.optimizer, params=p.model.parameters())
-    sched = instantiate(cfg.scheduler, opt=hsci_opt, epochs=1, steps_per_epoch=n_steps * (rounds + 1))
-    scaler = torch.amp.GradScaler(p.device.type, enabled=p.precision == "fp16")
+    optim = optimizing(cfg, p, epochs=1, steps_per_epoch=n_steps * (rounds + 1))
 
     # The bare loop: its own model of the same architecture, an already-normalised float batch.
     bare = instantiate(cfg.model, input_shape=p.data.input_shape, num_outputs=p.data.num_outputs).to(p.device)
@@ -49,8 +47,8 @@ def steps(cfg, n_steps: int, rounds: int) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p.precision)
 
     def hsci_step(n: int) -> None:
-        train_epoch(p.model, [(x_u8, y)] * n, hsci_opt, sched, scaler, p.loss_fn, p.to_input, p.amp, None,
-                    range(n), torch.zeros((), device=p.device), 0, n, lambda step, loss: None, 1)
+        epoch = Epoch.start(1, n, p.device)
+        train_epoch(p, optim=optim, batches=[(x_u8, y)] * n, epoch=epoch, readings=Readings(n, epoch))
 
     def bare_step(n: int) -> None:
         bare.train()

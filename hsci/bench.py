@@ -15,7 +15,7 @@ from hsci import UserError, report, user_error
 from hsci.build import build, compose
 from hsci.data import Data, Tensors
 from hsci.loaders import make_loader, pick_loader
-from hsci.train import peak_memory_gb, reset_peak_memory, train_epoch, warm_up
+from hsci.step import Epoch, Readings, optimizing, peak_memory_gb, reset_peak_memory, train_epoch, warm_up
 
 
 def run_bench(args: list[str]) -> int:
@@ -35,16 +35,15 @@ def run_bench(args: list[str]) -> int:
             raise
         data, absent = None, str(cause)
     p = build(cfg, data=synthetic(cfg, data, 2 * cfg.data.batch_size))
-    opt = instantiate(cfg.optimizer, params=p.model.parameters())
-    sched = instantiate(cfg.scheduler, opt=opt, epochs=1, steps_per_epoch=warmup + steps)
-    scaler = torch.amp.GradScaler(p.device.type, enabled=p.precision == "fp16")
+    optim = optimizing(cfg, p, epochs=1, steps_per_epoch=warmup + steps)
     x, y = (t[:cfg.data.batch_size].to(p.device) for t in (p.data.train.x, p.data.train.y))
     compile_s = warm_up(p, cfg.data.batch_size) if cfg.trainer.compile else 0.0
 
     def run(n: int) -> float:
         start = time.perf_counter()
-        train_epoch(p.model, [(x, y)] * n, opt, sched, scaler, p.loss_fn, p.to_input, p.amp, cfg.trainer.grad_clip,
-                    range(n), torch.zeros((), device=p.device), 0, n, lambda step, loss: None, 1)  # reads once, at the end
+        epoch = Epoch.start(1, n, p.device)
+        readings = Readings(n, epoch)  # read once, at the end
+        train_epoch(p, optim=optim, batches=[(x, y)] * n, epoch=epoch, readings=readings)
         return time.perf_counter() - start
 
     run(warmup)

@@ -36,9 +36,20 @@ def make_metrics(task: str, num_outputs: int) -> MetricCollection:
     return MetricCollection(metrics)
 
 
-def monitor(task: str) -> tuple[str, str]:
-    """The validation metric that picks the best checkpoint, and whether higher ("max") or lower is better."""
-    return ("val_loss", "min") if task == "regression" else ("val_acc", "max")
+def monitor(choice: str, task: str, metrics: MetricCollection) -> tuple[str, str]:
+    """The validation value that picks the best checkpoint and drives early stopping (`trainer.monitor`), and
+    whether higher ("max") or lower ("min") is better: `auto` is accuracy for classification and the loss for
+    regression; losses and errors are better lower, every other metric higher."""
+    key = ("val_loss" if task == "regression" else "val_acc") if choice == "auto" else choice
+    recorded = ["val_loss", *(f"val_{name}" for name in metrics)]
+    if key not in recorded:
+        raise UserError(f"trainer.monitor={choice} is not recorded for this {task} dataset: use auto or one of "
+                        + ", ".join(recorded))
+    return key, "min" if lower_is_better(key) else "max"
+
+
+def lower_is_better(key: str) -> bool:
+    return key.endswith(("loss", "mse", "mae"))
 
 
 @torch.inference_mode()

@@ -29,7 +29,7 @@ from hsci import Refused, UserError, flat, one_line, quote
 
 LOCK = ".lock"
 # What a folder holds once a run or a sweep has written into it.
-RECORDS = (".hydra", "summary.json", "metrics.jsonl", "checkpoints", "sweep_summary.json")
+RECORDS = (".hydra", "summary.json", "metrics.jsonl", "steps.jsonl", "checkpoints", "sweep_summary.json")
 WRITTEN = (*RECORDS, LOCK, "train.log", "sweep_summary.csv", "multirun.yaml")  # and eval_<split>.json
 _held: dict[Path, int] = {}  # the directories this process owns, with the descriptor that holds each lock
 

@@ -3,20 +3,14 @@
 Everything shown is also written to the run's train.log through the `hsci` logger.
 """
 
-from __future__ import annotations  # torch's types below are names only: no torch import for a refusal
-
 import logging
-import time
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.tree import Tree
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger("hsci")
 console = Console(highlight=False)
@@ -51,31 +45,39 @@ def _tree(node: Tree, cfg: dict) -> Tree:
 
 
 @contextmanager
-def epoch_progress(epoch: int, epochs: int, steps: range, batch_size: int, log_every: int) -> Iterator:
-    """Yields `update(step, loss_sum)`, called after each of `steps`; `loss_sum` is given (and read: a device
-    sync) only at readings. A live bar on a terminal; otherwise a plain line every `log_every` steps."""
-    start = time.perf_counter()
+def epoch_progress(epoch: int, epochs: int, first: int, stop: int) -> Iterator["EpochProgress"]:
+    """An epoch's progress from step `first` to `stop`: a live bar on a terminal, plain lines otherwise."""
     desc = f"epoch {epoch}/{epochs}"
-
-    def reading(step: int, loss_sum: torch.Tensor) -> str:
-        speed = (step + 1 - steps.start) * batch_size / (time.perf_counter() - start)
-        return f"loss {loss_sum.item() / (step + 1):.4f}  {speed:,.0f} img/s"
-
     if not console.is_terminal:
-        def update(step: int, loss_sum: torch.Tensor | None) -> None:
-            if loss_sum is not None and (step + 1) % log_every == 0:
-                say(f"{desc} step {step + 1}/{steps.stop}  {reading(step, loss_sum)}")
-        yield update
+        yield EpochProgress(desc, stop)
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[reading]}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task(desc, total=steps.stop, completed=steps.start, reading="")
+        yield EpochProgress(desc, stop, bar, bar.add_task(desc, total=stop, completed=first, reading=""))
 
-        def update(step: int, loss_sum: torch.Tensor | None) -> None:
-            fields = {"reading": reading(step, loss_sum)} if loss_sum is not None else {}
-            bar.update(task, completed=step + 1, **fields)
-        yield update
+
+class EpochProgress:
+    """`advance(done)` after each step, `show(done, reading)` at each reading (hsci/train.py's Readings): on a
+    terminal the bar moves and shows the reading; otherwise each reading is a line. train.log gets it either way."""
+
+    def __init__(self, desc: str, stop: int, bar: Progress | None = None, task=None):
+        self.desc, self.stop, self.bar, self.task = desc, stop, bar, task
+
+    def advance(self, done: int) -> None:
+        if self.bar:
+            self.bar.update(self.task, completed=done)
+
+    def show(self, done: int, reading: dict) -> None:
+        norm = reading["grad_norm"]
+        text = (f"loss {reading['train_loss']:.4f}  lr {reading['lr']:.2e}  "
+                + (f"grad_norm {norm:.3g}  " if norm is not None else "") + f"{reading['img_per_s']:,.0f} img/s")
+        line = f"{self.desc} step {done}/{self.stop}  {text}"
+        if self.bar:
+            log.info(line)
+            self.bar.update(self.task, reading=text)
+        else:
+            say(line)
 
 
 def epoch_row(record: dict, first: bool) -> None:

@@ -79,8 +79,9 @@ def load_config(run_dir: Path, changes: list[str], allowed: tuple[str, ...], ver
     return cfg
 
 
-def keep_epochs(path: Path, last: int) -> None:
-    """Keep the records of epochs 1..`last` in a metrics.jsonl, once each (a resumed run redoes the rest)."""
+def keep_records(path: Path, key: str, last: int) -> None:
+    """Keep the records of a metrics.jsonl (`key` epoch) or steps.jsonl (`key` step) up to `last`, once each:
+    a resumed run redoes the rest."""
     if not path.exists():
         return
     records = {}
@@ -89,9 +90,9 @@ def keep_epochs(path: Path, last: int) -> None:
             record = json.loads(line)
         except ValueError:  # a line cut short by a kill
             continue
-        if record.get("epoch", last + 1) <= last:
-            records[record["epoch"]] = line
-    write_atomic(path, lambda f: f.write("".join(records[e] + "\n" for e in sorted(records)).encode()))
+        if record.get(key, last + 1) <= last:
+            records[record[key]] = line
+    write_atomic(path, lambda f: f.write("".join(records[k] + "\n" for k in sorted(records)).encode()))
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

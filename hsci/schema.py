@@ -33,6 +33,7 @@ class Trainer:
     channels_last: Any = MISSING  # auto, true or false (checked by hsci/build.py)
     compile: Any = MISSING  # false, true or max-autotune
     deterministic: bool = MISSING
+    monitor: str = MISSING  # auto or a recorded validation value (checked below)
 
 
 @dataclass
@@ -54,6 +55,14 @@ def register() -> None:
     ConfigStore.instance().store(name="hsci_schema", node=Config)
 
 
+# The validation values each task records (hsci/evaluate.py's make_metrics; val_top5 past 10 classes): what
+# trainer.monitor may name. A task is known before any work from its loss (hsci/build.py refuses a mismatch).
+MONITORS = {"multiclass": ("val_loss", "val_acc", "val_precision", "val_recall", "val_f1", "val_top5"),
+            "binary": ("val_loss", "val_acc", "val_precision", "val_recall", "val_f1"),
+            "regression": ("val_loss", "val_mse", "val_mae", "val_r2")}
+LOSS_TASK = {"torch.nn.CrossEntropyLoss": "multiclass", "torch.nn.BCEWithLogitsLoss": "binary",
+             "torch.nn.MSELoss": "regression"}
+
 # Values that compose but cannot train: (key, test, what the value must be).
 CHECKS = [("seed", lambda v: 0 <= v < 2**32, "between 0 and 2**32 - 1 (4294967295)"),
           ("trainer.epochs", lambda v: v >= 1, "at least 1"),
@@ -70,6 +79,8 @@ CHECKS = [("seed", lambda v: 0 <= v < 2**32, "between 0 and 2**32 - 1 (429496729
           ("trainer.grad_clip", lambda v: v is None or v > 0, "above 0, or null"),
           ("trainer.channels_last", lambda v: v in ("auto", True, False), "auto, true or false"),
           ("trainer.compile", lambda v: v in (False, True, "max-autotune"), "false, true or max-autotune"),
+          ("trainer.monitor", lambda v: v == "auto" or any(v in names for names in MONITORS.values()),
+           "auto or a validation value: " + ", ".join(dict.fromkeys(sum(MONITORS.values(), ())))),
           ("data.random_crop_padding", lambda v: v >= 0, "0 or more"),
           ("data.image_size", lambda v: v >= 1, "at least 1"),
           ("data.channels", lambda v: v in (1, 3), "1 (grayscale) or 3 (RGB)"),
@@ -104,6 +115,7 @@ def check_values(cfg: DictConfig, skip: tuple[str, ...] = ()) -> None:
             valid = False
         if not valid:
             raise UserError(f"{key}={value} is invalid: it must be {requirement}")
+    _check_monitor(cfg, skipped)
     data = cfg.data
     if skipped("data.mean") or skipped("data.std") or skipped("data.channels") or skipped("data.image_shape"):
         return
@@ -115,6 +127,18 @@ def check_values(cfg: DictConfig, skip: tuple[str, ...] = ()) -> None:
                             f"channel(s): give one per channel, e.g. data.{key}=[{', '.join(['0.5'] * channels)}]")
     if channels and "std" in data and min(data.std) <= 0:
         raise UserError(f"data.std={list(data.std)} is invalid: every value must be above 0")
+
+
+def _check_monitor(cfg: DictConfig, skipped) -> None:
+    """trainer.monitor must name a value the task records (a loss hsci does not know leaves it to the run)."""
+    task = LOSS_TASK.get(OmegaConf.select(cfg, "loss._target_", default=None))
+    if skipped("trainer.monitor") or skipped("loss") or task is None or cfg.trainer.monitor == "auto":
+        return
+    few_classes = OmegaConf.select(cfg, "data.num_classes", default=11) <= 10
+    recorded = [k for k in MONITORS[task] if not (k == "val_top5" and few_classes)]
+    if cfg.trainer.monitor not in recorded:
+        raise UserError(f"trainer.monitor={cfg.trainer.monitor} is not recorded for this {task} task: use auto or "
+                        f"one of {', '.join(recorded)}")
 
 
 # What hsci passes each group's builder at the call site (hsci/build.py, hsci/train.py): never a config key.

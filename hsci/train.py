@@ -1,28 +1,28 @@
 """`hsci train`: build the experiment from its config, train and validate every epoch, test the best checkpoint.
 
 The loop is plain code: no trainer class, no callbacks. `main` is the door where the config comes in and
-the outcome is recorded; `train` builds the pieces and runs the epochs; `train_epoch` holds the step. A
-run stopped by a signal saves the exact point it reached, and `resume=` carries on from it bit for bit.
+the outcome is recorded; `train` builds the pieces and runs the epochs, each through hsci/step.py's
+`train_epoch`, which holds the step. A run stopped by a signal saves the exact point it reached
+(`Position`), and `resume=` carries on from it bit for bit.
 """
+
+from __future__ import annotations
 
 import json
 import math
-import resource
 import signal
 import sys
 import time
 import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.data import default_collate
 
 import hsci
 from hsci import UserError, flat, interrupt, report, rundir, user_error
@@ -30,20 +30,38 @@ from hsci.build import Parts, build, pick_device
 from hsci.evaluate import evaluate, make_metrics, monitor
 from hsci.loaders import Timed, start_epoch
 from hsci.schema import check_values
+from hsci.step import (DIVERGED_HINT, Diverged, Epoch, Optim, Readings, optimizing, peak_memory_gb,
+                       reset_peak_memory, train_epoch, warm_up)
 
 # What a resumed run may change: where the data lives and how the loop runs, never the experiment.
 RESUMABLE = ("trainer.", "data.root", "data.download", "data.num_workers")
-# What a last.pt holds to carry on exactly: `epoch` epochs complete, then `step` steps of the next one, whose
-# losses add up to `loss_sum` over `seen` samples; the best epoch's record, and epochs since it (`stale`).
-POSITION = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "loss_sum", "seen", "best_record",
-            "stale")
 # What summary.json says of a run's outcome: cleared when a resume sets it running again.
 RESULTS = ("error", "device", "precision", "channels_last", "loader", "compile_s", "startup_s", "epochs_run",
            "monitor", "mode", "best_epoch", "best_val", "test")
+STEPS = "steps.jsonl"  # a line per reading (see Readings)
 
 
-class Diverged(Exception):
-    """The loss became NaN or infinite."""
+@dataclass
+class Position:
+    """Where a run stands, as last.pt records it: `epoch` epochs complete, then `step` steps of the next one,
+    whose losses add up to `loss_sum` over `seen` samples (all zero between epochs); the best epoch's record
+    so far, and the epochs since it (`stale`)."""
+
+    epoch: int = 0
+    step: int = 0
+    loss_sum: float = 0.0
+    seen: int = 0
+    best_record: dict = field(default_factory=dict)
+    stale: int = 0
+
+    def next_epoch(self, stop: int, device: torch.device) -> Epoch:
+        """The epoch after the last complete one, from the step it stopped after (a resumed run) or from its start."""
+        return Epoch(self.epoch + 1, stop, self.step, torch.tensor(self.loss_sum, device=device), self.seen,
+                     seen_first=self.seen)
+
+
+# What a last.pt holds to carry on exactly: the state of everything that changes, and the Position.
+POSITION = ("model", "optimizer", "scheduler", "scaler", "rng", *(f.name for f in fields(Position)))
 
 
 def main(cfg: DictConfig, changes: list[str] = ()) -> None:
@@ -137,114 +155,70 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
     `state` (a last.pt) puts the run back where it stopped; `config` is `cfg` as plain values.
     """
     report.config(config, OmegaConf.to_yaml(config))
-    p = build(cfg)
-    t, model, data, device = cfg.trainer, p.model, p.data, p.device
-    steps = min(len(p.train_loader), t.limit_batches or len(p.train_loader))
-    opt = instantiate(cfg.optimizer, params=model.parameters())
-    sched = instantiate(cfg.scheduler, opt=opt, epochs=t.epochs, steps_per_epoch=steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=p.precision == "fp16")
-    metrics = make_metrics(data.task, data.num_outputs).to(device)
-    key, mode = monitor(data.task)
-    at = {"epoch": 0, "step": 0, "loss_sum": 0.0, "seen": 0, "best_record": {}, "stale": 0}  # see POSITION
+    parts = build(cfg)
+    trainer, data = cfg.trainer, parts.data
+    steps = min(len(parts.train_loader), trainer.limit_batches or len(parts.train_loader))
+    optim = optimizing(cfg, parts, epochs=trainer.epochs, steps_per_epoch=steps)
+    metrics = make_metrics(data.task, data.num_outputs).to(parts.device)
+    key, mode = monitor(trainer.monitor, data.task, metrics)
+    last = run_dir / "checkpoints" / "last.pt"
+    position = restore(state, parts.model, optim, last) if state else Position()
     if state:
-        at = restore(state, model, opt, sched, scaler, run_dir / "checkpoints" / "last.pt")
-        report.say(f"resuming at epoch {at['epoch'] + 1}, step {at['step']}")
-    rundir.keep_epochs(run_dir / "metrics.jsonl", at["epoch"])  # a resumed run redoes what came after
-    compile_s = warm_up(p, data.batch_size) if t.compile else 0.0
-    setup = {"device": str(device), "precision": p.precision, "channels_last": p.channels_last, "loader": p.loader,
-             "compile_s": round(compile_s, 3), "startup_s": round(time.time() - hsci.STARTED, 3)}
-    report.say("  ".join(f"{k} {v}" for k, v in setup.items()) + f"  {sum(q.numel() for q in model.parameters()):,} "
-               f"parameters  train/val/test {len(data.train)}/{len(data.val)}/{len(data.test)}  run dir {run_dir}")
-    evaluating = partial(evaluate, model, data=data, loss_fn=p.loss_fn, metrics=metrics, to_input=p.to_input,
-                         amp=p.amp, limit=t.limit_batches)
+        report.say(f"resuming at epoch {position.epoch + 1}, step {position.step}")
+    rundir.keep_records(run_dir / "metrics.jsonl", "epoch", position.epoch)  # a resumed run redoes what came after
+    rundir.keep_records(run_dir / STEPS, "step", optim.sched.last_epoch)
+    compile_s = warm_up(parts, data.batch_size) if trainer.compile else 0.0
+    setup = {"device": str(parts.device), "precision": parts.precision, "channels_last": parts.channels_last,
+             "loader": parts.loader, "compile_s": round(compile_s, 3),
+             "startup_s": round(time.time() - hsci.STARTED, 3)}
+    size = sum(weights.numel() for weights in parts.model.parameters())
+    report.say("  ".join(f"{k} {v}" for k, v in setup.items()) + f"  {size:,} parameters  train/val/test "
+               f"{len(data.train)}/{len(data.val)}/{len(data.test)}  run dir {run_dir}")
+    evaluating = partial(evaluate, parts.model, data=data, loss_fn=parts.loss_fn, metrics=metrics,
+                         to_input=parts.to_input, amp=parts.amp, limit=trainer.limit_batches)
 
-    def checkpoint(done: int, step: int, loss_sum: float, seen: int) -> dict:
-        """Everything to carry on exactly: `done` epochs complete, then `step` steps of the next one."""
-        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rundir.rng_state(), "epoch": done, "step": step,
-                "loss_sum": loss_sum, "seen": seen, "best_record": best_record, "stale": stale,
-                "config": config}
-
-    best_record, stale, done = at["best_record"], at["stale"], at["epoch"]
-    for epoch in range(at["epoch"] + 1, t.epochs + 1):
-        if t.early_stop_patience and stale >= t.early_stop_patience:
-            report.say(f"early stop: no better {key} for {stale} epochs")
+    while position.epoch < trainer.epochs:
+        if trainer.early_stop_patience and position.stale >= trainer.early_stop_patience:
+            report.say(f"early stop: no better {key} for {position.stale} epochs")
             break
-        # A resumed epoch carries on from the step it stopped after, even past a trainer.limit_batches that shrank.
-        first = at["step"] if epoch == at["epoch"] + 1 else 0
-        loss_sum = torch.tensor(at["loss_sum"] if first else 0.0, device=device)
-        seen = seen_before = at["seen"] if first else 0
-        start_epoch(p.train_loader, epoch, first)
-        batches, todo = Timed(p.train_loader), range(first, steps)
-        reset_peak_memory(device)
-        lr, start = opt.param_groups[0]["lr"], time.perf_counter()
-        with report.epoch_progress(epoch, t.epochs, todo, data.batch_size, t.log_every) as progress:
-            loss_sum, seen, step = train_epoch(model, batches, opt, sched, scaler, p.loss_fn, p.to_input, p.amp,
-                                               t.grad_clip, todo, loss_sum, seen, t.log_every, progress, epoch)
+        epoch = position.next_epoch(steps, parts.device)
+        start_epoch(parts.train_loader, epoch.number, epoch.step)
+        batches = Timed(parts.train_loader)
+        reset_peak_memory(parts.device)
+        lr, start = optim.opt.param_groups[0]["lr"], time.perf_counter()
+        with report.epoch_progress(epoch.number, trainer.epochs, epoch.step, steps) as progress:
+            readings = Readings(trainer.log_every, epoch, run_dir / STEPS, progress)
+            train_epoch(parts, optim=optim, batches=batches, epoch=epoch, readings=readings)
         epoch_s = time.perf_counter() - start
-        val = None if interrupt.requested() else evaluating(p.val_loader)
+        val = None if interrupt.requested() else evaluating(parts.val_loader)
         if val is None:  # a stop signal: save the exact point reached
-            rundir.save_checkpoint(run_dir / "checkpoints" / "last.pt", checkpoint(done, step, loss_sum.item(), seen))
-            return setup | stopped(run_dir, done, f"at epoch {epoch}, step {step}")
+            position = replace(position, step=epoch.step, loss_sum=epoch.loss_sum.item(), seen=epoch.seen)
+            rundir.save_checkpoint(last, checkpoint(parts, optim, position, config))
+            return setup | stopped(run_dir, position.epoch, f"at epoch {epoch.number}, step {epoch.step}")
         if not math.isfinite(val["loss"]):
-            raise Diverged(f"the validation loss is {val['loss']} after epoch {epoch}: {DIVERGED_HINT}")
-        record = {"epoch": epoch, "train_loss": loss_sum.item() / step, **{f"val_{k}": v for k, v in val.items()},
-                  "lr": lr, "epoch_s": epoch_s, "train_img_per_s": (seen - seen_before) / epoch_s,
-                  "data_wait_s": batches.wait_s, "max_mem_gb": peak_memory_gb(device)}
+            raise Diverged(f"the validation loss is {val['loss']} after epoch {epoch.number}: {DIVERGED_HINT}")
+        record = {"epoch": epoch.number, "train_loss": epoch.loss_sum.item() / epoch.step,
+                  **{f"val_{k}": v for k, v in val.items()}, "lr": lr, "epoch_s": epoch_s,
+                  "train_img_per_s": (epoch.seen - epoch.seen_first) / epoch_s, "data_wait_s": batches.wait_s,
+                  "max_mem_gb": peak_memory_gb(parts.device)}
         rundir.append_jsonl(run_dir / "metrics.jsonl", record)
-        report.epoch_row(record, first=epoch == 1)
-        improved = better(record, best_record, key, mode)
-        best_record, stale = (record, 0) if improved else (best_record, stale + 1)
+        report.epoch_row(record, first=epoch.number == 1)
+        improved = better(record, position.best_record, key, mode)
+        position = Position(epoch.number, best_record=record if improved else position.best_record,
+                            stale=0 if improved else position.stale + 1)
         if improved:
-            rundir.save_checkpoint(run_dir / "checkpoints" / "best.pt", checkpoint(epoch, 0, 0.0, 0))
-        rundir.save_checkpoint(run_dir / "checkpoints" / "last.pt", checkpoint(epoch, 0, 0.0, 0))
-        done = epoch
+            rundir.save_checkpoint(run_dir / "checkpoints" / "best.pt", checkpoint(parts, optim, position, config))
+        rundir.save_checkpoint(last, checkpoint(parts, optim, position, config))
 
     best_state = rundir.load_checkpoint(run_dir / "checkpoints" / "best.pt")
-    rundir.load_weights(model, best_state["model"], run_dir / "checkpoints" / "best.pt")
-    test = evaluating(p.test_loader)
+    rundir.load_weights(parts.model, best_state["model"], run_dir / "checkpoints" / "best.pt")
+    test = evaluating(parts.test_loader)
     if test is None:
-        return setup | stopped(run_dir, done, "while testing")
-    return setup | {"status": "completed", "epochs_run": done, "monitor": key, "mode": mode,
-                    "best_epoch": best_record["epoch"],
-                    "best_val": {k: v for k, v in best_record.items() if k.startswith("val_")}, "test": test}
-
-
-DIVERGED_HINT = ("lower optimizer.lr, set trainer.grad_clip (e.g. 1.0), or use trainer.precision=bf16 instead of "
-                 "fp16; the last good checkpoint stays in checkpoints/")
-
-
-def train_epoch(model: nn.Module, loader, opt, sched, scaler, loss_fn: nn.Module, to_input: Callable,
-                amp: Callable, grad_clip: float | None, steps: range, loss_sum: torch.Tensor, seen: int,
-                log_every: int, progress: Callable, epoch: int) -> tuple[torch.Tensor, int, int]:
-    """Run the training steps in `steps`; returns (loss sum, samples seen, steps done), fewer steps when a
-    signal asks to stop. The loss stays on the device and is read every `log_every` steps."""
-    model.train()
-    losses = torch.empty(steps.stop, device=loss_sum.device)  # kept to name the step that went NaN or infinite
-    done = steps.start
-    for step, (x, y) in zip(steps, loader):
-        x, y = to_input(x.to(loss_sum.device, non_blocking=True)), y.to(loss_sum.device, non_blocking=True)
-        with amp():
-            loss = loss_fn(model(x), y)
-        scaler.scale(loss).backward()
-        if grad_clip:
-            scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        loss_sum += loss.detach().float()
-        losses[step] = loss.detach()
-        seen, done = seen + len(y), step + 1
-        reading = done % log_every == 0 or done == steps.stop or interrupt.requested()
-        progress(step, loss_sum if reading else None)
-        if reading and not torch.isfinite(loss_sum):
-            bad = steps.start + int((~torch.isfinite(losses[steps.start:done])).nonzero()[0])
-            raise Diverged(f"the loss became {losses[bad].item()} at epoch {epoch}, step {bad + 1}: " + DIVERGED_HINT)
-        if interrupt.requested():
-            break
-    return loss_sum, seen, done
+        return setup | stopped(run_dir, position.epoch, "while testing")
+    best = position.best_record
+    return setup | {"status": "completed", "epochs_run": position.epoch, "monitor": key, "mode": mode,
+                    "best_epoch": best["epoch"], "best_val": {k: v for k, v in best.items() if k.startswith("val_")},
+                    "test": test}
 
 
 def better(record: dict, best: dict, key: str, mode: str) -> bool:
@@ -256,54 +230,29 @@ def better(record: dict, best: dict, key: str, mode: str) -> bool:
     return record["val_loss"] < best["val_loss"]
 
 
-def restore(state: dict, model: nn.Module, opt, sched, scaler, source: Path) -> dict:
+def restore(state: dict, model: nn.Module, optim: Optim, source: Path) -> Position:
     """Put model, optimizer, scheduler, grad scaler and every random generator back as `state` has them, the
-    learning rate where the schedule (as now configured) has it at the step reached; returns the loop's
-    position and best-so-far."""
+    learning rate where the schedule (as now configured) has it at the step reached; returns the position."""
     rundir.load_weights(model, state["model"], source)
-    opt.load_state_dict(state["optimizer"])
+    optim.opt.load_state_dict(state["optimizer"])
     counters = {k: state["scheduler"][k] for k in ("last_epoch", "_step_count")}
-    sched.load_state_dict(sched.state_dict() | counters)  # the schedule's length follows trainer.epochs
+    optim.sched.load_state_dict(optim.sched.state_dict() | counters)  # the schedule's length follows trainer.epochs
     with warnings.catch_warnings():  # torch's note that get_lr() is meant for inside step()
         warnings.simplefilter("ignore")
-        rates = sched.get_lr()  # this step's rate on the schedule as it is now, not as it was saved
-    for group, lr in zip(opt.param_groups, rates):
+        rates = optim.sched.get_lr()  # this step's rate on the schedule as it is now, not as it was saved
+    for group, lr in zip(optim.opt.param_groups, rates):
         group["lr"] = lr
-    if state["scaler"] and scaler.is_enabled():
-        scaler.load_state_dict(state["scaler"])
+    if state["scaler"] and optim.scaler.is_enabled():
+        optim.scaler.load_state_dict(state["scaler"])
     rundir.set_rng_state(state["rng"])
-    return {k: state[k] for k in ("epoch", "step", "loss_sum", "seen", "best_record", "stale")}
+    return Position(**{f.name: state[f.name] for f in fields(Position)})
 
 
-def warm_up(p: Parts, batch_size: int) -> float:
-    """Compile the training step on a first batch and return the seconds it took, leaving weights,
-    buffers, gradients and random generators as they were, so compiling is kept out of the timings."""
-    before = {k: v.clone() for k, v in p.model.state_dict().items()}
-    start = time.perf_counter()
-    with torch.random.fork_rng(devices=[p.device] if p.device.type == "cuda" else []):
-        x, y = default_collate([p.data.train[i] for i in range(min(batch_size, len(p.data.train)))])
-        x, y = x.to(p.device), y.to(p.device)
-        with p.amp():
-            loss = p.loss_fn(p.model(p.to_input(x)), y)
-        loss.backward()
-        loss.item()  # waits for the device
-    seconds = time.perf_counter() - start
-    p.model.load_state_dict(before)
-    p.model.zero_grad(set_to_none=True)
-    return seconds
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak memory since the epoch began: the device's allocations on CUDA, else the process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / (1e9 if sys.platform == "darwin" else 1e6)
+def checkpoint(parts: Parts, optim: Optim, position: Position, config: dict) -> dict:
+    """Everything to carry on exactly from `position`, and the run's config."""
+    return {"model": parts.model.state_dict(), "optimizer": optim.opt.state_dict(),
+            "scheduler": optim.sched.state_dict(), "scaler": optim.scaler.state_dict(), "rng": rundir.rng_state(),
+            **asdict(position), "config": config}
 
 
 def stopped(run_dir: Path, done: int, where: str) -> dict:

@@ -262,6 +262,14 @@ CASES = {
     "a key typo shared by a sweep's jobs": (["train", "-m", "seed=1,2", "+model.hiden=64"], None,
                                             "model.hiden is not a setting of hsci.models.cnn (given on the command "
                                             "line as +model.hiden=64)"),
+    "a monitor no run records": (["train", "trainer.monitor=val_f2"], None,
+                                 "trainer.monitor=val_f2 is invalid: it must be auto or a validation value: val_loss, "
+                                 "val_acc"),
+    "a monitor this task does not record": (["train", "data=diabetes", "model=mlp", "trainer.monitor=val_acc"], None,
+                                            "trainer.monitor=val_acc is not recorded for this regression task: use "
+                                            "auto or one of val_loss, val_mse, val_mae, val_r2"),
+    "top-5 accuracy of ten classes": (["train", "trainer.monitor=val_top5"], None,
+                                      "trainer.monitor=val_top5 is not recorded for this multiclass task"),
     "bench with no steps": (["bench", "steps=0"], None, "steps=0 is invalid: it must be a whole number, at least 1"),
     "bench with negative steps": (["bench", "steps=-1"], None, "steps=-1 is invalid"),
     "bench with steps that are not a number": (["bench", "steps=abc"], None, "steps=abc is invalid"),
@@ -273,7 +281,8 @@ BEFORE_ANY_WORK = ["zero epochs", "negative batch size", "negative learning rate
                    "a run directory given as hydra.run.dir", "a config kept outside the run directory",
                    "a sweep whose shared value cannot work", "a key typo in one's own data config",
                    "a key typo in one's own model config", "a model that cannot be imported",
-                   "a key added to a shipped option", "a key typo shared by a sweep's jobs"]
+                   "a key added to a shipped option", "a key typo shared by a sweep's jobs", "a monitor no run records",
+                   "a monitor this task does not record", "top-5 accuracy of ten classes"]
 
 
 @pytest.fixture(scope="module")

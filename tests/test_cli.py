@@ -10,11 +10,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from conftest import hsci, run_dirs, summary_of, write_cifar, write_imagefolder
 from hsci.cli import _home
+from hsci.schema import MONITORS
 
 
 def test_help_lists_verbs_and_groups_without_importing_torch():
@@ -39,26 +41,34 @@ def test_smoke_run_writes_a_complete_run_directory(tmp_path):
     assert result.returncode == 0, result.stderr
     [run] = run_dirs(tmp_path)
     assert run.name.endswith("_digits_cnn")
-    for path in [".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "metrics.jsonl",
+    for path in [".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "metrics.jsonl", "steps.jsonl",
                  "checkpoints/best.pt", "checkpoints/last.pt", "summary.json"]:
         assert (run / path).is_file(), path
     summary = summary_of(run)
     assert summary["status"] == "completed"
     assert summary["seed"] == 0 and summary["device"] == "cpu"
     assert summary["overrides"] == ["experiment=smoke"]
-    assert set(summary["test"]) == {"loss", "acc", "precision", "recall", "f1"}
+    assert {f"val_{k}" for k in summary["test"]} == set(MONITORS["multiclass"]) - {"val_top5"}  # top-5 past 10 classes
     assert 0 <= summary["test"]["acc"] <= 1
     assert summary["best_epoch"] in (1, 2) and "val_acc" in summary["best_val"]
     assert {"torch", "hydra-core", "python"} <= set(summary["versions"])
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [1, 2]
     assert {"train_loss", "val_loss", "val_acc", "lr", "epoch_s", "train_img_per_s"} <= set(epochs[0])
+    # A reading every step (the smoke experiment's trainer.log_every=1): numbered across epochs.
+    steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in steps] == [(1, 1), (1, 2), (1, 3), (2, 4), (2, 5), (2, 6)]
+    assert set(steps[0]) == {"step", "epoch", "train_loss", "lr", "img_per_s", "grad_norm"}
+    assert all(r["grad_norm"] > 0 and r["img_per_s"] > 0 for r in steps) and steps[0]["lr"] == 1e-3
+    assert sum(r["train_loss"] for r in steps[:3]) / 3 == pytest.approx(epochs[0]["train_loss"])
     last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "epoch", "config"} <= set(last)
     assert last["epoch"] == 2 and last["config"]["data"]["_target_"] == "hsci.data.digits"
     # Plain output for a pipe: no escape codes, one row per epoch, the test metrics and the run directory.
     assert "\x1b[" not in result.stdout
     assert "epoch 2  train_loss" in result.stdout and f"run directory: {run}" in result.stdout
+    reading = "epoch 2/2 step 3/3  loss "  # the last reading, printed and logged
+    assert reading in result.stdout and reading in (run / "train.log").read_text()
 
 
 def test_typo_and_wrong_type_fail_before_any_work(tmp_path):
@@ -80,12 +90,11 @@ def test_cfg_job_prints_the_composed_config_without_running(tmp_path):
 
 
 def test_tables_train_with_the_loss_and_metrics_of_their_task(tmp_path):
-    for data, loss, metrics in [("breast_cancer", "BCEWithLogitsLoss", {"acc", "precision", "recall", "f1"}),
-                                ("diabetes", "MSELoss", {"mse", "mae", "r2"})]:
+    for data, loss, task in [("breast_cancer", "BCEWithLogitsLoss", "binary"), ("diabetes", "MSELoss", "regression")]:
         result = hsci("train", f"data={data}", "model=mlp", "trainer.epochs=3", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         summary = summary_of(run_dirs(tmp_path)[-1])
-        assert set(summary["test"]) == metrics | {"loss"}
+        assert {f"val_{k}" for k in summary["test"]} == set(MONITORS[task])
         config = (run_dirs(tmp_path)[-1] / ".hydra" / "config.yaml").read_text()
         assert f"torch.nn.{loss}" in config
     assert summary["monitor"] == "val_loss" and summary["mode"] == "min"  # regression keeps the lowest loss
@@ -192,6 +201,17 @@ def test_early_stop_precision_and_grad_clip(tmp_path):
     assert "early stop: no better val_acc for 2 epochs" in result.stdout
 
 
+def test_monitor_picks_the_best_checkpoint_by_any_validation_value(tmp_path):
+    result = hsci("train", "-m", "experiment=smoke", "trainer.epochs=4", "trainer.monitor=val_loss,val_f1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for job, key, pick in (("0", "val_loss", min), ("1", "val_f1", max)):  # a loss is better lower, F1 higher
+        [run] = (tmp_path / "outputs" / "multirun").glob(f"*/*/{job}")
+        summary = summary_of(run)
+        values = [json.loads(line)[key] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert summary["monitor"] == key and summary["mode"] == ("min" if pick is min else "max")
+        assert summary["best_val"][key] == pick(values) and values[summary["best_epoch"] - 1] == pick(values)
+
+
 def test_fp16_runs_with_a_grad_scaler(tmp_path):
     result = hsci("train", "experiment=smoke", "trainer.precision=fp16", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -241,3 +261,5 @@ def test_a_terminal_gets_the_config_tree_progress_bars_and_tables(tmp_path):
     assert "━" in text and "3/3" in text  # a progress bar per epoch
     assert "epoch   train val_loss" in text  # the epoch table's header row
     assert "┏" in text and "test split, best checkpoint" in text  # the final table
+    [run] = run_dirs(tmp_path)
+    assert "epoch 2/2 step 3/3  loss " in (run / "train.log").read_text()  # readings are logged on a terminal too

@@ -57,8 +57,14 @@ def same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+def records(run: Path, name: str = "metrics.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (run / name).read_text().splitlines()]
+
+
+def readings(run: Path) -> list[tuple]:
+    """What steps.jsonl holds that a resume must reproduce: the first reading after a resume averages the loss
+    over the steps since the resume, and the speed is this machine's."""
+    return [(r["epoch"], r["step"], r["lr"], r["grad_norm"]) for r in records(run, "steps.jsonl")]
 
 
 def test_stopped_by_signals_then_resumed_ends_bit_identical(reference, tmp_path):
@@ -83,6 +89,7 @@ def test_stopped_by_signals_then_resumed_ends_bit_identical(reference, tmp_path)
     assert same_weights(run, reference)
     assert [r["epoch"] for r in records(run)] == list(range(1, 7))  # each epoch once
     assert [r["train_loss"] for r in records(run)] == [r["train_loss"] for r in records(reference)]
+    assert readings(run) == readings(reference)  # each reading once, at the same steps, the same values
 
 
 def test_killed_at_random_moments_keeps_readable_checkpoints_and_resumes_exactly(reference, tmp_path):
@@ -101,6 +108,7 @@ def test_killed_at_random_moments_keeps_readable_checkpoints_and_resumes_exactly
     assert same_weights(run, reference)
     assert summary_of(run)["test"] == summary_of(reference)["test"]
     assert [r["epoch"] for r in records(run)] == list(range(1, 7))
+    assert readings(run) == readings(reference)
 
 
 def test_extending_a_finished_run(reference, tmp_path):

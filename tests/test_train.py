@@ -1,32 +1,49 @@
-"""The training step learns: loss falls when the real model, loss and optimizer overfit one fixed batch."""
+"""The training step learns (loss falls when the real model, loss and optimizer overfit one fixed batch), and its
+readings record what the step computed."""
 
-from contextlib import nullcontext
+import copy
+import json
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
-from hsci.loaders import input_fn
-from hsci.train import train_epoch
+from hsci.build import build, compose
+from hsci.step import Epoch, Readings, optimizing, train_epoch
 
 
 @pytest.mark.parametrize("data, model", [("digits", "cnn"), pytest.param("digits", "resnet18", marks=pytest.mark.slow),
                                          ("breast_cancer", "mlp"), ("diabetes", "mlp")])
-def test_loss_falls_when_overfitting_one_batch(cfg_of, data, model):
-    torch.manual_seed(0)
-    cfg = cfg_of(f"data={data}", f"model={model}", "scheduler=none")
-    bundle = instantiate(cfg.data)
-    x, y = next(iter(torch.utils.data.DataLoader(bundle.train, batch_size=32)))
-    net = instantiate(cfg.model, input_shape=bundle.input_shape, num_outputs=bundle.num_outputs)
-    opt = instantiate(cfg.optimizer, params=net.parameters())
-    sched = instantiate(cfg.scheduler, opt=opt, epochs=1, steps_per_epoch=60)
-    loss_fn = instantiate(cfg.loss)
-    to_input = input_fn(bundle.mean, bundle.std, torch.device("cpu"))
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+def test_loss_falls_when_overfitting_one_batch(data, model):
+    cfg = compose([f"data={data}", f"model={model}", "scheduler=none", "trainer.device=cpu", "data.batch_size=32"])
+    p = build(cfg)
+    batch = next(iter(p.train_loader))
+    optim = optimizing(cfg, p, epochs=3, steps_per_epoch=20)
     losses = []
-    for _ in range(3):
-        loss_sum, seen, done = train_epoch(net, [(x, y)] * 20, opt, sched, scaler, loss_fn, to_input, nullcontext,
-                                           None, range(20), torch.zeros(()), 0, 5, lambda step, loss: None, 1)
-        assert (seen, done) == (20 * len(y), 20)
-        losses.append(loss_sum.item() / 20)
+    for number in range(1, 4):
+        epoch = Epoch.start(number, 20, p.device)
+        train_epoch(p, optim=optim, batches=[batch] * 20, epoch=epoch, readings=Readings(5, epoch))
+        assert (epoch.seen, epoch.step) == (20 * len(batch[1]), 20)
+        losses.append(epoch.loss_sum.item() / 20)
     assert losses[2] < 0.25 * losses[0], losses
+
+
+@pytest.mark.parametrize("precision, clip", [("fp32", None), ("fp32", 0.01), ("fp16", None)])
+def test_a_reading_records_the_unscaled_gradient_norm_before_clipping(tmp_path, precision, clip):
+    cfg = compose(["trainer.device=cpu", f"trainer.precision={precision}", f"trainer.grad_clip={clip or 'null'}"])
+    p = build(cfg)
+    x, y = next(iter(p.train_loader))
+    reference = copy.deepcopy(p.model)
+    torch.manual_seed(1)  # the same dropout masks on both sides
+    torch.nn.functional.cross_entropy(reference(p.to_input(x)), y).backward()
+    expected = torch.nn.utils.get_total_norm([q.grad for q in reference.parameters()]).item()
+    optim = optimizing(cfg, p, epochs=1, steps_per_epoch=1)
+    epoch = Epoch.start(1, 1, p.device)
+    torch.manual_seed(1)
+    train_epoch(p, optim=optim, batches=[(x, y)], epoch=epoch, readings=Readings(50, epoch, tmp_path / "steps.jsonl"))
+    [reading] = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert reading["step"] == 1
+    assert reading["grad_norm"] == pytest.approx(expected, rel=0.02 if precision == "fp16" else 1e-5)
+    if precision == "fp16":
+        assert optim.scaler.get_scale() > 1  # the loss was scaled, the norm recorded is not
+    if clip:  # clip_grad_norm_'s own value: the norm before clipping
+        assert reading["grad_norm"] > clip

@@ -1,0 +1,181 @@
+"""The training step and what it carries: the optimizer with its schedule and grad scaler (`Optim`), the epoch
+under way (`Epoch`), and the readings taken every `trainer.log_every` steps (`Readings`).
+
+`hsci train` (hsci/train.py) runs its epochs through `train_epoch`; `hsci bench` and benchmarks/ time the
+very same function. The loss stays on the device and is read at readings only.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import default_collate
+
+from hsci import interrupt, rundir
+from hsci.build import Parts
+
+
+@dataclass
+class Optim:
+    """What a step changes besides the weights: the optimizer, its schedule (stepped every step), the fp16 grad
+    scaler, and the norm gradients are clipped to (None: not clipped)."""
+
+    opt: Optimizer
+    sched: LRScheduler
+    scaler: torch.amp.GradScaler
+    grad_clip: float | None = None
+
+
+def optimizing(cfg: DictConfig, parts: Parts, *, epochs: int, steps_per_epoch: int) -> Optim:
+    """The configured optimizer over the model's parameters, its schedule over the run's length, the grad scaler."""
+    opt = instantiate(cfg.optimizer, params=parts.model.parameters())
+    sched = instantiate(cfg.scheduler, opt=opt, epochs=epochs, steps_per_epoch=steps_per_epoch)
+    scaler = torch.amp.GradScaler(parts.device.type, enabled=parts.precision == "fp16")
+    return Optim(opt, sched, scaler, cfg.trainer.grad_clip)
+
+
+@dataclass
+class Epoch:
+    """An epoch under way: its `number`, its `stop` steps, the `step`s done, their loss sum (on the device) and
+    the samples `seen`; `seen_first`, the samples it had seen when this session took it up."""
+
+    number: int
+    stop: int
+    step: int
+    loss_sum: torch.Tensor
+    seen: int
+    seen_first: int
+
+    @classmethod
+    def start(cls, number: int, stop: int, device: torch.device) -> Epoch:
+        """Epoch `number` from its first step."""
+        return cls(number, stop, 0, torch.zeros((), device=device), 0, 0)
+
+
+class Diverged(Exception):
+    """The loss became NaN or infinite."""
+
+
+DIVERGED_HINT = ("lower optimizer.lr, set trainer.grad_clip (e.g. 1.0), or use trainer.precision=bf16 instead of "
+                 "fp16; the last good checkpoint stays in checkpoints/")
+
+
+def train_epoch(parts: Parts, *, optim: Optim, batches: Iterable, epoch: Epoch, readings: Readings) -> None:
+    """Carry `epoch` on from its step reached to its last, updating it as it goes; stops after the current step
+    when a signal asks to. The loss stays on the device: it is read at readings only."""
+    parts.model.train()
+    first, losses = epoch.step, torch.empty(epoch.stop, device=parts.device)  # kept to name the step that went NaN
+    for step, (x, y) in zip(range(epoch.step, epoch.stop), batches):
+        x, y = parts.to_input(x.to(parts.device, non_blocking=True)), y.to(parts.device, non_blocking=True)
+        with parts.amp():
+            loss = parts.loss_fn(parts.model(x), y)
+        optim.scaler.scale(loss).backward()
+        reading = readings.due(step + 1)
+        grad_norm = clip_or_measure(parts.model, optim) if optim.grad_clip or reading else None
+        lr = optim.opt.param_groups[0]["lr"]
+        optim.scaler.step(optim.opt)
+        optim.scaler.update()
+        optim.opt.zero_grad(set_to_none=True)
+        optim.sched.step()
+        epoch.loss_sum += loss.detach().float()
+        losses[step] = loss.detach()
+        epoch.step, epoch.seen = step + 1, epoch.seen + len(y)
+        readings.advance()
+        if reading or interrupt.requested():
+            loss_sum = readings.take(lr, grad_norm, optim.sched.last_epoch) if reading else epoch.loss_sum.item()
+            if not math.isfinite(loss_sum):
+                bad = first + int((~torch.isfinite(losses[first:epoch.step])).nonzero()[0])
+                raise Diverged(f"the loss became {losses[bad].item()} at epoch {epoch.number}, step {bad + 1}: "
+                               + DIVERGED_HINT)
+        if interrupt.requested():
+            break
+
+
+def clip_or_measure(model: nn.Module, optim: Optim) -> torch.Tensor:
+    """The global gradient norm, unscaled (fp16), on the device; clipped to `optim.grad_clip` when that is set."""
+    optim.scaler.unscale_(optim.opt)  # what scaler.step would do anyway: the step is unchanged
+    if optim.grad_clip:
+        return nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+    return nn.utils.get_total_norm([q.grad for q in model.parameters() if q.grad is not None])
+
+
+class Readings:
+    """The numbers of `epoch`'s steps, read off the device every `every` steps and at the epoch's last: the one
+    place they are taken. Each reading is a line in steps.jsonl (when `path` is given) and a line on
+    `progress` (report.epoch_progress: the bar's text on a terminal, a printed line otherwise, and train.log);
+    loggers to come hook in here."""
+
+    def __init__(self, every: int, epoch: Epoch, path: Path | None = None, progress=None):
+        self.every, self.epoch, self.path, self.progress = every, epoch, path, progress
+        # Where the last reading was taken (here, for the first one): loss sum, steps, samples, time.
+        self.mark, self.step, self.seen, self.time = epoch.loss_sum.clone(), epoch.step, epoch.seen, time.perf_counter()
+
+    def due(self, done: int) -> bool:
+        """Whether the step that completes `done` steps of the epoch is read."""
+        return done % self.every == 0 or done == self.epoch.stop
+
+    def advance(self) -> None:
+        if self.progress:
+            self.progress.advance(self.epoch.step)
+
+    def take(self, lr: float, grad_norm: torch.Tensor | None, run_step: int) -> float:
+        """Read the epoch's loss sum and the step's grad norm off the device at once (one sync), record the mean
+        loss over the steps since the last reading, and return the loss sum."""
+        epoch = self.epoch
+        values = [epoch.loss_sum, self.mark] + ([grad_norm.float()] if grad_norm is not None else [])
+        loss_sum, mark, *norm = torch.stack(values).tolist()
+        now = time.perf_counter()
+        record = {"step": run_step, "epoch": epoch.number, "train_loss": (loss_sum - mark) / (epoch.step - self.step),
+                  "lr": lr, "img_per_s": (epoch.seen - self.seen) / (now - self.time),
+                  "grad_norm": norm[0] if norm else None}
+        self.mark, self.step, self.seen, self.time = epoch.loss_sum.clone(), epoch.step, epoch.seen, now
+        if not math.isfinite(loss_sum):  # the run stops as diverged; summary.json names the step
+            return loss_sum
+        if self.path:
+            rundir.append_jsonl(self.path, record)
+        if self.progress:
+            self.progress.show(epoch.step, record)
+        return loss_sum
+
+
+def warm_up(parts: Parts, batch_size: int) -> float:
+    """Compile the training step on a first batch and return the seconds it took, leaving weights,
+    buffers, gradients and random generators as they were, so compiling is kept out of the timings."""
+    before = {k: v.clone() for k, v in parts.model.state_dict().items()}
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[parts.device] if parts.device.type == "cuda" else []):
+        x, y = default_collate([parts.data.train[i] for i in range(min(batch_size, len(parts.data.train)))])
+        x, y = x.to(parts.device), y.to(parts.device)
+        with parts.amp():
+            loss = parts.loss_fn(parts.model(parts.to_input(x)), y)
+        loss.backward()
+        loss.item()  # waits for the device
+    seconds = time.perf_counter() - start
+    parts.model.load_state_dict(before)
+    parts.model.zero_grad(set_to_none=True)
+    return seconds
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory since the epoch began: the device's allocations on CUDA, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (1e9 if sys.platform == "darwin" else 1e6)
