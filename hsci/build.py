@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
@@ -123,7 +123,7 @@ def compose(overrides: list[str]) -> DictConfig:
             cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:
         raise UserError(one_line(str(e))) from e
-    schema.check_keys(cfg)
+    schema.check_keys(cfg, cfg.hydra)
     HydraConfig.instance().set_config(cfg)  # `name` is made of the chosen options
     with open_dict(cfg):
         cfg.name = cfg.name

@@ -219,7 +219,7 @@ def _check(config: DictConfig, swept: tuple[str, ...] = ()) -> None:
             from hsci.build import pick_device
 
             pick_device(task.trainer.device)
-        check_keys(config, swept)  # imports the builders, as the run does next
+        check_keys(config, config.hydra, swept)  # imports the builders, as the run does next
     except UserError as e:
         raise Refused(str(e), 2) from e
 

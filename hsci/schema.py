@@ -33,7 +33,7 @@ class Trainer:
     channels_last: Any = MISSING  # auto, true or false (checked by hsci/build.py)
     compile: Any = MISSING  # false, true or max-autotune
     deterministic: bool = MISSING
-    monitor: str = MISSING  # auto or a recorded validation value (checked below)
+    monitor: str = "auto"  # or a recorded validation value (checked below); runs saved before it existed: auto
 
 
 @dataclass
@@ -134,6 +134,9 @@ def _check_monitor(cfg: DictConfig, skipped) -> None:
     task = LOSS_TASK.get(OmegaConf.select(cfg, "loss._target_", default=None))
     if skipped("trainer.monitor") or skipped("loss") or task is None or cfg.trainer.monitor == "auto":
         return
+    if any(skipped(group) for group in ("data", "experiment")):  # a sweep's jobs may have other tasks: each checks
+        return
+    # Without data.num_classes (imagefolder: its folders tell), top-5 is checked when the data is read.
     few_classes = OmegaConf.select(cfg, "data.num_classes", default=11) <= 10
     recorded = [k for k in MONITORS[task] if not (k == "val_top5" and few_classes)]
     if cfg.trainer.monitor not in recorded:
@@ -147,17 +150,17 @@ PASSED = {"data": (), "model": ("input_shape", "num_outputs"), "loss": (), "opti
 HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")  # read by instantiate itself
 
 
-def check_keys(cfg: DictConfig, skip: tuple[str, ...] = ()) -> None:
+def check_keys(cfg: DictConfig, hydra_cfg: DictConfig, skip: tuple[str, ...] = ()) -> None:
     """Refuse a key of data, model, loss, optimizer or scheduler that its `_target_` does not take, and a
-    `_target_` that cannot be imported, naming the file the key came from; `cfg` holds Hydra's node (its
-    runtime info says which files were used). Keys in `skip` (and under them) are left to a sweep's jobs.
+    `_target_` that cannot be imported, naming the file the key came from (`hydra_cfg`, Hydra's node, says which
+    files were used). Keys in `skip` (and under them) are left to a sweep's jobs.
     It imports the targets: call it on a config the user composed, never on a received run's."""
     import inspect
     from difflib import get_close_matches
 
     from hydra._internal.utils import _locate  # finds a `_target_` as hydra.utils.instantiate does
 
-    if any(s in cfg.hydra.runtime.choices and s not in PASSED for s in skip):
+    if any(s in hydra_cfg.runtime.choices and s not in PASSED for s in skip):
         return  # a swept overlay (experiment=a,b) may choose and set any group, job by job
     for group, passed in PASSED.items():
         target = OmegaConf.select(cfg, f"{group}._target_", throw_on_missing=False, throw_on_resolution_failure=False)
@@ -167,7 +170,8 @@ def check_keys(cfg: DictConfig, skip: tuple[str, ...] = ()) -> None:
             builder = _locate(target)
         except Exception as e:  # not there, or its module fails to import
             cause = e.__cause__ or e  # what Hydra's ImportError wraps
-            raise UserError(f"{group}._target_={target} cannot be imported ({_origin(cfg, group, '_target_')}): "
+            where = _origin(hydra_cfg, group, "_target_")
+            raise UserError(f"{group}._target_={target} cannot be imported ({where}): "
                             f"{type(cause).__name__}: {flat(cause)}; correct the name, or make its module "
                             "importable (PYTHONPATH)") from e
         try:
@@ -184,20 +188,20 @@ def check_keys(cfg: DictConfig, skip: tuple[str, ...] = ()) -> None:
             close = get_close_matches(key, settings, n=1)
             fix = ("hsci passes it itself: remove it" if key in passed
                    else f"did you mean {group}.{close[0]}?" if close else "remove it")
-            raise UserError(f"{group}.{key} is not a setting of {target} ({_origin(cfg, group, key)}): {fix} "
+            raise UserError(f"{group}.{key} is not a setting of {target} ({_origin(hydra_cfg, group, key)}): {fix} "
                             f"(its settings: {', '.join(settings)})")
 
 
-def _origin(cfg: DictConfig, group: str, key: str) -> str:
+def _origin(hydra_cfg: DictConfig, group: str, key: str) -> str:
     """Where `group.key` came from: the command line, or the first file that holds it of the chosen option's
     own, those it extends (its defaults list) and the chosen global overlays (experiment=...); else the
     option's own file. A config's file is the first of its name on Hydra's search path."""
     import yaml
 
-    given = next((o for o in cfg.hydra.overrides.task if o.lstrip("+~").split("=")[0] == f"{group}.{key}"), None)
+    given = next((o for o in hydra_cfg.overrides.task if o.lstrip("+~").split("=")[0] == f"{group}.{key}"), None)
     if given:
         return f"given on the command line as {given}"
-    runtime = cfg.hydra.runtime
+    runtime = hydra_cfg.runtime
     roots = [Path(source.path) for source in runtime.config_sources if source.schema == "file"]
 
     def file(name: str) -> Path | None:  # name: data/mnist

@@ -29,7 +29,7 @@ from hsci import UserError, flat, interrupt, report, rundir, user_error
 from hsci.build import Parts, build, pick_device
 from hsci.evaluate import evaluate, make_metrics, monitor
 from hsci.loaders import Timed, start_epoch
-from hsci.schema import check_values
+from hsci.schema import check_keys, check_values
 from hsci.step import (DIVERGED_HINT, Diverged, Epoch, Optim, Readings, optimizing, peak_memory_gb,
                        reset_peak_memory, train_epoch, warm_up)
 
@@ -68,7 +68,8 @@ def main(cfg: DictConfig, changes: list[str] = ()) -> None:
     """Run (or resume) one training job and record its outcome; a single run exits non-zero unless it completed."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    if cfg.resume:
+    resumed = bool(cfg.resume)
+    if resumed:
         try:
             cfg, state, summary = reopen(run_dir, changes)
         except UserError as e:  # refused before anything in the run directory changed
@@ -89,6 +90,8 @@ def main(cfg: DictConfig, changes: list[str] = ()) -> None:
     rundir.write_json(run_dir / "summary.json", summary)
     start = time.time()
     try:
+        if hydra_cfg.mode == RunMode.MULTIRUN and not resumed:  # a single run's keys were checked before its
+            check_keys(cfg, hydra_cfg)  # folder was made, a sweep's only where they did not vary from job to job
         summary |= train(cfg, config, run_dir, state)
     except Diverged as e:
         summary |= {"status": "diverged", "error": str(e)}
@@ -126,6 +129,10 @@ def reopen(run_dir: Path, changes: list[str]) -> tuple[DictConfig, dict | None, 
     """For `resume=`: the run's saved config with `changes` applied, its last checkpoint (None if it saved
     none yet) and its summary so far."""
     cfg = rundir.load_config(run_dir, changes, RESUMABLE, "resume")
+    picked_by = OmegaConf.load(run_dir / ".hydra" / "config.yaml").trainer.get("monitor", "auto")
+    if cfg.trainer.monitor != picked_by:  # the best checkpoint and the early-stop count were kept by it
+        raise UserError(f"resume: trainer.monitor={cfg.trainer.monitor} would change how {run_dir} picks its best "
+                        f"checkpoint (by {picked_by} so far): resume without it, or start a new run")
     last = run_dir / "checkpoints" / "last.pt"
     state = rundir.load_checkpoint(last, POSITION) if last.exists() else None
     try:

@@ -155,6 +155,22 @@ def test_sweep_runs_every_job_and_summarises_them_best_first(tmp_path):
     assert sorted(p.name for p in sweep.glob("?")) == list("0123")
 
 
+def test_a_sweep_whose_jobs_choose_other_options_checks_each_job_as_it_starts(tmp_path):
+    # Checked per job: val_mse, which the default task (multiclass) does not record, and the keys of a file
+    # only some jobs choose.
+    (tmp_path / "my_conf" / "model").mkdir(parents=True)
+    (tmp_path / "my_conf" / "model" / "wide_mlp.yaml").write_text("defaults:\n  - mlp\n  - _self_\nhiden: [512]\n")
+    result = hsci("train", "-m", f"--config-dir={tmp_path / 'my_conf'}", "experiment=smoke", "trainer.epochs=1",
+                  "trainer.monitor=val_mse", "data=diabetes,breast_cancer", "model=mlp,wide_mlp", cwd=tmp_path)
+    assert result.returncode == 1
+    jobs = [summary_of(run) for run in sorted((tmp_path / "outputs" / "multirun").glob("*/*/[0-9]"))]
+    assert [job["status"] for job in jobs] == ["completed", "failed", "failed", "failed"]
+    assert jobs[0]["monitor"] == "val_mse" and jobs[0]["mode"] == "min"
+    assert jobs[1]["error"] == (f"model.hiden is not a setting of hsci.models.mlp (in {tmp_path}/my_conf/model/"
+                                "wide_mlp.yaml): did you mean model.hidden? (its settings: hidden, dropout)")
+    assert jobs[2]["error"].startswith("trainer.monitor=val_mse is not recorded for this binary task")
+
+
 def test_a_home_path_on_the_command_line_is_expanded_as_a_shell_would(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert _home("data.root=~/pets") == f"data.root='{tmp_path}/pets'"

@@ -246,3 +246,21 @@ def test_an_interrupted_sweep_records_every_job_and_exits_non_zero(tmp_path):
     assert [jobs[n]["status"] for n in "012"] == ["interrupted"] * 3
     assert "SIGINT at epoch" in jobs["0"]["error"] and "not started" in jobs["2"]["error"]
     assert "3 of 3 jobs did not complete" in err
+
+
+def test_a_run_saved_before_trainer_monitor_existed_resumes_and_keeps_its_monitor(finished, tmp_path):
+    run = tmp_path / "outputs" / "old"
+    shutil.copytree(finished, run)
+    config = run / ".hydra" / "config.yaml"
+    config.write_text(config.read_text().replace("  monitor: auto\n", ""))  # as runs saved before it existed
+    assert "monitor" not in config.read_text()
+    assert hsci("eval", f"run={run}", cwd=tmp_path).returncode == 0
+    before = {p: (run / p).read_bytes() for p in ("summary.json", "metrics.jsonl", "checkpoints/last.pt")}
+    refused = hsci("train", f"resume={run}", "trainer.epochs=3", "trainer.monitor=val_loss", cwd=tmp_path)
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (f"error: resume: trainer.monitor=val_loss would change how {run} picks its "
+                                      "best checkpoint (by auto so far): resume without it, or start a new run")
+    assert before == {p: (run / p).read_bytes() for p in before}
+    result = hsci("train", f"resume={run}", "trainer.epochs=3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert summary_of(run)["epochs_run"] == 3 and summary_of(run)["monitor"] == "val_acc"
