@@ -15,6 +15,7 @@ Overrides are `hsci train`'s. Prints a short table last; see benchmarks/RESULTS.
 """
 
 import argparse
+import logging
 import statistics
 import tempfile
 import time
@@ -38,6 +39,7 @@ def compare(cfg, n_batches: int, rounds: int) -> dict:
     p = build(cfg, data=synthetic(cfg, None, n_batches * cfg.data.batch_size))
     optim = optimizing(cfg, p, epochs=rounds + 1, steps_per_epoch=len(p.train_loader))
     run_dir = Path(tempfile.mkdtemp())
+    logging.basicConfig(filename=run_dir / "train.log", level=logging.INFO)  # as hsci train logs, to a file
 
     # The bare loop: its own model of the same architecture, the same optimizer, batches made and normalised once.
     bare = instantiate(cfg.model, input_shape=p.data.input_shape, num_outputs=p.data.num_outputs).to(p.device)
@@ -63,7 +65,7 @@ def compare(cfg, n_batches: int, rounds: int) -> dict:
             bare_opt.zero_grad(set_to_none=True)
         loss.item()
 
-    report.console.quiet = True  # the readings' lines are made (and logged) but not printed
+    report.console.quiet = True  # the readings' lines are made and logged to train.log, but not printed
     seconds = {"hsci": {"cpu": [], "wall": []}, "bare": {"cpu": [], "wall": []}}
     for number in range(1, rounds + 2):
         for name, epoch in (("hsci", hsci_epoch), ("bare", bare_epoch)):

@@ -2,7 +2,7 @@
 
 Both steps run in this one process on the same model architecture, batch, precision and memory format,
 alternating round by round so that drift of the machine (clocks, other load) falls on both alike. The
-hsci side is hsci/train.py's own `train_epoch` with the parts `hsci.build.build` makes from the composed
+hsci side is hsci/step.py's own `train_epoch` with the parts `hsci.build.build` makes from the composed
 config; the bare side is the loop a user would write by hand, fed batches already normalised.
 
     python benchmarks/step_vs_bare.py model=cnn data=mnist data.batch_size=128

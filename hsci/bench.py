@@ -1,6 +1,6 @@
 """`hsci bench [key=value ...]`: how fast will this config train on this machine?
 
-It times the composed config's own training step (hsci/train.py's `train_epoch`, with its model, loss,
+It times the composed config's own training step (hsci/step.py's `train_epoch`, with its model, loss,
 optimizer, precision, memory format and compile setting) on synthetic batches of the dataset's shape, so
 it needs no download; then, when the data is present, the loader's own throughput, and says which of the
 two bounds training."""

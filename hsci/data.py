@@ -148,44 +148,50 @@ def digits(test_fraction: float, image_shape: list[int], num_classes: int, batch
     x = torch.from_numpy(np.round(bunch.images * 255 / 16)).to(torch.uint8).unsqueeze(1)  # (N, 1, 8, 8)
     y = torch.from_numpy(bunch.target)
     rest, test = _split(y, test_fraction, split_seed)
-    return _images("digits", x[rest], y[rest], x[test], y[test], image_shape, num_classes, batch_size, num_workers,
-                   loader, val_fraction, split_seed, mean, std, random_crop_padding, horizontal_flip)
+    return _images("digits", x[rest], y[rest], x[test], y[test], image_shape=image_shape, num_classes=num_classes,
+                   batch_size=batch_size, num_workers=num_workers, loader=loader, val_fraction=val_fraction,
+                   split_seed=split_seed, mean=mean, std=std, random_crop_padding=random_crop_padding,
+                   horizontal_flip=horizontal_flip)
 
 
 def mnist(root: str, download: bool, image_shape: list[int], num_classes: int, batch_size: int,
           num_workers: int | str, loader: str, val_fraction: float, split_seed: int, mean: list[float],
           std: list[float], random_crop_padding: int, horizontal_flip: bool) -> Data:
     """MNIST in torchvision's layout: <root>/MNIST/raw/*-ubyte."""
-    return _images("mnist", *idx_files(datasets.MNIST, "mnist", root, download), image_shape, num_classes,
-                   batch_size, num_workers, loader, val_fraction, split_seed, mean, std, random_crop_padding,
-                   horizontal_flip)
+    return _images("mnist", *idx_files(datasets.MNIST, "mnist", root, download), image_shape=image_shape,
+                   num_classes=num_classes, batch_size=batch_size, num_workers=num_workers, loader=loader,
+                   val_fraction=val_fraction, split_seed=split_seed, mean=mean, std=std,
+                   random_crop_padding=random_crop_padding, horizontal_flip=horizontal_flip)
 
 
 def fashion_mnist(root: str, download: bool, image_shape: list[int], num_classes: int, batch_size: int,
                   num_workers: int | str, loader: str, val_fraction: float, split_seed: int, mean: list[float],
                   std: list[float], random_crop_padding: int, horizontal_flip: bool) -> Data:
     """Fashion-MNIST in torchvision's layout: <root>/FashionMNIST/raw/*-ubyte."""
-    return _images("fashion_mnist", *idx_files(datasets.FashionMNIST, "fashion_mnist", root, download), image_shape,
-                   num_classes, batch_size, num_workers, loader, val_fraction, split_seed, mean, std,
-                   random_crop_padding, horizontal_flip)
+    return _images("fashion_mnist", *idx_files(datasets.FashionMNIST, "fashion_mnist", root, download),
+                   image_shape=image_shape, num_classes=num_classes, batch_size=batch_size, num_workers=num_workers,
+                   loader=loader, val_fraction=val_fraction, split_seed=split_seed, mean=mean, std=std,
+                   random_crop_padding=random_crop_padding, horizontal_flip=horizontal_flip)
 
 
 def cifar10(root: str, download: bool, image_shape: list[int], num_classes: int, batch_size: int,
             num_workers: int | str, loader: str, val_fraction: float, split_seed: int, mean: list[float],
             std: list[float], random_crop_padding: int, horizontal_flip: bool) -> Data:
     """CIFAR-10 in torchvision's layout: <root>/cifar-10-batches-py/."""
-    return _images("cifar10", *cifar(datasets.CIFAR10, "cifar10", root, download, "labels"), image_shape,
-                   num_classes, batch_size, num_workers, loader, val_fraction, split_seed, mean, std,
-                   random_crop_padding, horizontal_flip)
+    return _images("cifar10", *cifar(datasets.CIFAR10, "cifar10", root, download, "labels"), image_shape=image_shape,
+                   num_classes=num_classes, batch_size=batch_size, num_workers=num_workers, loader=loader,
+                   val_fraction=val_fraction, split_seed=split_seed, mean=mean, std=std,
+                   random_crop_padding=random_crop_padding, horizontal_flip=horizontal_flip)
 
 
 def cifar100(root: str, download: bool, image_shape: list[int], num_classes: int, batch_size: int,
              num_workers: int | str, loader: str, val_fraction: float, split_seed: int, mean: list[float],
              std: list[float], random_crop_padding: int, horizontal_flip: bool) -> Data:
     """CIFAR-100 (fine labels) in torchvision's layout: <root>/cifar-100-python/."""
-    return _images("cifar100", *cifar(datasets.CIFAR100, "cifar100", root, download, "fine_labels"), image_shape,
-                   num_classes, batch_size, num_workers, loader, val_fraction, split_seed, mean, std,
-                   random_crop_padding, horizontal_flip)
+    return _images("cifar100", *cifar(datasets.CIFAR100, "cifar100", root, download, "fine_labels"),
+                   image_shape=image_shape, num_classes=num_classes, batch_size=batch_size, num_workers=num_workers,
+                   loader=loader, val_fraction=val_fraction, split_seed=split_seed, mean=mean, std=std,
+                   random_crop_padding=random_crop_padding, horizontal_flip=horizontal_flip)
 
 
 def fake(train_size: int, test_size: int, image_shape: list[int], num_classes: int, batch_size: int,
@@ -198,8 +204,10 @@ def fake(train_size: int, test_size: int, image_shape: list[int], num_classes: i
         pairs = [ds[i] for i in range(size)]
         return torch.stack([x for x, _ in pairs]), torch.tensor([int(y) for _, y in pairs])
 
-    return _images("fake", *make(train_size, 0), *make(test_size, train_size), image_shape, num_classes, batch_size,
-                   num_workers, loader, val_fraction, split_seed, mean, std, random_crop_padding, horizontal_flip)
+    return _images("fake", *make(train_size, 0), *make(test_size, train_size), image_shape=image_shape,
+                   num_classes=num_classes, batch_size=batch_size, num_workers=num_workers, loader=loader,
+                   val_fraction=val_fraction, split_seed=split_seed, mean=mean, std=std,
+                   random_crop_padding=random_crop_padding, horizontal_flip=horizontal_flip)
 
 
 def imagefolder(root: str, image_size: int, channels: int, test_fraction: float, batch_size: int,
@@ -241,21 +249,21 @@ def breast_cancer(batch_size: int, num_workers: int | str, loader: str, val_frac
                   split_seed: int) -> Data:
     """scikit-learn's Wisconsin breast cancer table (569 x 30): binary classification."""
     bunch = load_breast_cancer()
-    return _table(bunch.data, bunch.target, "binary", batch_size, num_workers, loader, val_fraction, test_fraction,
-                  split_seed)
+    return _table(bunch.data, bunch.target, "binary", batch_size=batch_size, num_workers=num_workers, loader=loader,
+                  val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed)
 
 
 def diabetes(batch_size: int, num_workers: int | str, loader: str, val_fraction: float, test_fraction: float,
              split_seed: int) -> Data:
     """scikit-learn's diabetes table (442 x 10): regression of disease progression."""
     bunch = load_diabetes()
-    return _table(bunch.data, bunch.target, "regression", batch_size, num_workers, loader, val_fraction,
-                  test_fraction, split_seed)
+    return _table(bunch.data, bunch.target, "regression", batch_size=batch_size, num_workers=num_workers,
+                  loader=loader, val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed)
 
 
-def _images(name: str, x_train, y_train, x_test, y_test, image_shape: list[int], num_classes: int, batch_size: int,
-            num_workers: int | str, loader: str, val_fraction: float, split_seed: int, mean: list[float],
-            std: list[float], random_crop_padding: int, horizontal_flip: bool) -> Data:
+def _images(name: str, x_train, y_train, x_test, y_test, *, image_shape: list[int], num_classes: int,
+            batch_size: int, num_workers: int | str, loader: str, val_fraction: float, split_seed: int,
+            mean: list[float], std: list[float], random_crop_padding: int, horizontal_flip: bool) -> Data:
     """A `Data` of in-memory uint8 images of the declared shape and classes; validation is carved from the
     training split."""
     found = tuple(x_train.shape[1:])
@@ -275,7 +283,7 @@ def _data(train, val, test, shape, num_classes, batch_size, num_workers, loader,
                 tuple(mean), tuple(std))
 
 
-def _table(x: np.ndarray, y: np.ndarray, task: str, batch_size: int, num_workers: int | str, loader: str,
+def _table(x: np.ndarray, y: np.ndarray, task: str, *, batch_size: int, num_workers: int | str, loader: str,
            val_fraction: float, test_fraction: float, split_seed: int) -> Data:
     """A `Data` of feature vectors, standardised with the training split's mean and std."""
     stratify = task != "regression"

@@ -58,7 +58,7 @@ def epoch_progress(epoch: int, epochs: int, first: int, stop: int) -> Iterator["
 
 
 class EpochProgress:
-    """`advance(done)` after each step, `show(done, reading)` at each reading (hsci/train.py's Readings): on a
+    """`advance(done)` after each step, `show(done, reading)` at each reading (hsci/step.py's Readings): on a
     terminal the bar moves and shows the reading; otherwise each reading is a line. train.log gets it either way."""
 
     def __init__(self, desc: str, stop: int, bar: Progress | None = None, task=None):

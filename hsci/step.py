@@ -139,7 +139,7 @@ class Readings:
         now = time.perf_counter()
         record = {"step": run_step, "epoch": epoch.number, "train_loss": (loss_sum - mark) / (epoch.step - self.step),
                   "lr": lr, "img_per_s": (epoch.seen - self.seen) / (now - self.time),
-                  "grad_norm": norm[0] if norm else None}
+                  "grad_norm": norm[0] if norm and math.isfinite(norm[0]) else None}  # inf: a step fp16 skipped
         self.mark, self.step, self.seen, self.time = epoch.loss_sum.clone(), epoch.step, epoch.seen, now
         if not math.isfinite(loss_sum):  # the run stops as diverged; summary.json names the step
             return loss_sum

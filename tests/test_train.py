@@ -43,7 +43,5 @@ def test_a_reading_records_the_unscaled_gradient_norm_before_clipping(tmp_path, 
     [reading] = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
     assert reading["step"] == 1
     assert reading["grad_norm"] == pytest.approx(expected, rel=0.02 if precision == "fp16" else 1e-5)
-    if precision == "fp16":
-        assert optim.scaler.get_scale() > 1  # the loss was scaled, the norm recorded is not
     if clip:  # clip_grad_norm_'s own value: the norm before clipping
         assert reading["grad_norm"] > clip
