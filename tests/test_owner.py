@@ -118,8 +118,11 @@ def test_resuming_on_a_read_only_disk_is_one_line_and_changes_nothing(finished, 
 
 def test_ctrl_c_during_eval_or_bench_is_one_line(finished, tmp_path):
     def interrupted(args: list[str]) -> subprocess.CompletedProcess:
+        # Ctrl-C as a terminal delivers it, even when the tests run in the background of a shell script,
+        # which starts them with SIGINT ignored (hsci keeps an ignored Ctrl-C ignored, as nohup and & expect).
         proc = subprocess.Popen([sys.executable, "-m", "hsci", *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         time.sleep(1.5)  # past the interpreter's start, where Python's own Ctrl-C handling begins
         proc.send_signal(signal.SIGINT)
         time.sleep(0.2)
