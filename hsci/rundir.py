@@ -5,6 +5,7 @@ import os
 import platform
 import random
 import subprocess
+import tempfile
 import warnings
 import zipfile
 from importlib.metadata import PackageNotFoundError, version
@@ -24,15 +25,20 @@ from hsci import UserError, schema, trust
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """Write `path` through a new temporary file, fsync and rename: a reader sees the old file or the new,
-    whole. Neither is written through a link (a leftover or planted temporary file is replaced, and the
-    rename replaces a link at `path` itself, not what it points to)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    whole. Neither is written through a link (the temporary file is made anew under a name of its own, so
+    two processes writing one file, two `hsci eval` of a run, never meet there; the rename replaces a link at
+    `path` itself, not what it points to)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # O_EXCL: a new file
+    try:
+        with open(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, obj: dict) -> None:

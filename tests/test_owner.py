@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import hsci, summary_of
+from hsci import rundir
 from hsci.owner import owner
 
 
@@ -72,11 +73,24 @@ def test_new_runs_never_write_into_an_old_one_wherever_the_path_comes_from(finis
 def test_eval_of_a_received_run_never_writes_through_a_planted_link(finished, tmp_path):
     run = tmp_path / "received"
     shutil.copytree(finished, run)
-    (run / ".eval_test.json.tmp").symlink_to(tmp_path / "elsewhere")  # where eval writes before its rename
+    (run / ".eval_test.json.tmp").symlink_to(tmp_path / "elsewhere")  # a temporary file's name of the past
+    (run / "eval_test.json").symlink_to(tmp_path / "there")
     result = hsci("eval", f"run={run}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert not (tmp_path / "elsewhere").exists()
+    assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "there").exists()
     assert (run / "eval_test.json").is_file() and not (run / "eval_test.json").is_symlink()
+
+
+def test_two_writers_of_one_record_never_meet_in_its_temporary_file(tmp_path):
+    # Two `hsci eval` of one run write its eval_<split>.json at the same moment; each write is whole.
+    def write(text: str) -> None:
+        for _ in range(300):
+            rundir.write_json(tmp_path / "eval_val.json", {"by": text})
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(write, ["a", "b"]))  # raises what either writer raised
+    assert json.loads((tmp_path / "eval_val.json").read_text())["by"] in ("a", "b")
+    assert [p.name for p in tmp_path.iterdir()] == ["eval_val.json"]  # no temporary file left
 
 
 def test_a_console_that_goes_away_or_cannot_encode_never_fails_the_run(tmp_path):
