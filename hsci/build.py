@@ -17,6 +17,7 @@ from torch import nn
 
 from hsci import UserError, config_dir, one_line, report, schema
 from hsci.data import Data
+from hsci.distributed import SINGLE, World
 from hsci.loaders import input_fn, make_loader, pick_loader
 from hsci.schema import check_values
 
@@ -41,25 +42,40 @@ class Parts:
     train_loader: object
     val_loader: object
     test_loader: object
+    world: World = SINGLE  # this process's rank among the run's processes
 
 
-def build(cfg: DictConfig, data: Data | None = None) -> Parts:
-    """Build the parts of a run from `cfg` (with `data` in place of the configured dataset, if given)."""
+def build(cfg: DictConfig, data: Data | None = None, world: World = SINGLE) -> Parts:
+    """Build the parts of a run from `cfg` (with `data` in place of the configured dataset, if given) for this
+    process's rank: every rank the same model (same seed), its own device and share of the data."""
     check_values(cfg)
     t = cfg.trainer
     device = pick_device(t.device)
+    if device.type == "cuda" and world.backend:
+        device = torch.device("cuda", world.local_rank)
+    batch = cfg.data.batch_size
+    if batch % world.size:
+        raise UserError(f"data.batch_size={batch} does not split evenly over {world.size} processes: it is the "
+                        f"global batch; use a multiple of {world.size}, e.g. data.batch_size="
+                        f"{batch // world.size * world.size or world.size}")
+    # Set for every run, never only switched on: a process that runs several jobs (a joblib sweep) starts each anew.
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     torch.backends.cudnn.benchmark = not t.deterministic  # fastest kernels, picked per shape
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(t.deterministic, warn_only=True)
 
     loss_fn = instantiate(cfg.loss)
     data = data or instantiate(cfg.data)
     check_loss(loss_fn, data.task)
     model = instantiate(cfg.model, input_shape=data.input_shape, num_outputs=data.num_outputs).to(device)
+    if t.sync_batchnorm and world.size > 1:  # batch statistics over the global batch, not each rank's share
+        if device.type != "cuda":
+            raise UserError("trainer.sync_batchnorm=true needs CUDA devices (torch synchronises batch norm only "
+                            "there): set it to false on the CPU")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
     channels_last = convolutional and device.type == "cuda" if t.channels_last == "auto" else bool(t.channels_last)
     channels_last = channels_last and len(data.input_shape) == 3
@@ -80,9 +96,11 @@ def build(cfg: DictConfig, data: Data | None = None) -> Parts:
     amp = partial(torch.autocast, device.type, dtype=dtype, enabled=dtype is not None)
     kind = pick_loader(data.loader, data, device)
     loader = partial(make_loader, batch_size=data.batch_size, num_workers=data.num_workers, device=device,
-                     seed=cfg.seed, kind=kind)
+                     seed=cfg.seed, kind=kind, rank=world.rank, ranks=world.size)
     return Parts(device, data, loss_fn, model, to_input, amp, precision, channels_last, kind,
-                 loader(data.train, train=True), loader(data.val, train=False), loader(data.test, train=False))
+                 loader(data.train, train=True), loader(data.val, train=False, limit=t.limit_batches),
+                 loader(data.test, train=False, limit=t.limit_batches), world)
+
 
 
 def pick_device(name: str) -> torch.device:

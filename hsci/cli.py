@@ -94,7 +94,14 @@ def one_line_errors(verb, args: list[str]) -> int:
 
 
 def train(args: list[str]) -> int:
-    """`hsci train`: a Hydra app; `resume=` reopens a run directory instead of making a new one."""
+    """`hsci train`: a Hydra app; `resume=` reopens a run directory instead of making a new one. Started as a rank
+    of a larger job (torchrun), rank 0 runs the app and the other ranks follow it (hsci/train.py)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        refused = _refused_as_rank(args)
+        if refused:
+            return fail(refused, 2)
+        if int(os.environ["RANK"]) != 0:
+            return one_line_errors(_follow, args)
     resume = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
     changes: list[str] = []  # on resume: overrides applied to the run's own saved config
     if resume is not None:
@@ -112,16 +119,18 @@ def train(args: list[str]) -> int:
         args += [f"resume={quote(str(run))}", f"hydra.run.dir={quote(str(run))}", "hydra.output_subdir=null"]
     held = _HeldStderr(sys.stderr)
 
-    def task(cfg) -> None:
+    def task(cfg) -> float | None:
         held.release()  # the config composed: from here on errors are the run's own
         from hsci import train as training  # imports torch: kept out of `hsci --help`
 
-        training.main(cfg, changes)
+        return training.main(cfg, changes)  # the monitored value, for sweepers that optimise
 
     sys.argv = ["hsci train", *args]  # Hydra reads its arguments from sys.argv
     sys.stderr = held
     try:
-        with interrupt.caught():  # from the start: a signal while starting up is recorded, not lost
+        # From the start: a signal while starting up is recorded, not lost. As torchrun's rank 0, a Ctrl-C comes
+        # from the terminal and again from torchrun: quitting at once is left to torchrun.
+        with interrupt.caught(again_at_once="RANK" not in os.environ):
             _hydra_app(task)()
     except Refused as e:  # refused before the run began (hsci/owner.py): its own one line
         held.holding = False
@@ -140,6 +149,26 @@ def train(args: list[str]) -> int:
     finally:
         sys.stderr = held.real
         held.release()
+    return 0
+
+
+def _refused_as_rank(args: list[str]) -> str | None:
+    """What a rank of a larger job cannot do, said the same way on every rank."""
+    if "-m" in args or "--multirun" in args:
+        return "a sweep (-m) cannot run under torchrun: run the sweep with hsci train -m, and each job on several " \
+               "devices with trainer.devices=N (or a launcher: hydra/launcher=submitit_slurm)"
+    size, local = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    named = any(a.startswith(("hydra.run.dir=", "resume=")) for a in args)
+    if size > local and not named:
+        return f"{size // local} nodes cannot agree on a time-stamped run directory: name one on a filesystem " \
+               "every node shares, hydra.run.dir=/shared/runs/<name>"
+    return None
+
+
+def _follow(args: list[str]) -> int:
+    from hsci import train as training  # imports torch
+
+    training.follow(args)
     return 0
 
 

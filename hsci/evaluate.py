@@ -18,6 +18,7 @@ from hsci import UserError, interrupt, report, rundir
 from hsci.build import build, compose
 from hsci.owner import find_run
 from hsci.data import Data
+from hsci.distributed import SINGLE, World
 
 
 def make_metrics(task: str, num_outputs: int) -> MetricCollection:
@@ -55,16 +56,14 @@ def lower_is_better(key: str) -> bool:
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, data: Data, loss_fn: nn.Module, metrics: MetricCollection,
              to_input: Callable, amp: Callable[[], AbstractContextManager],
-             limit: int | None = None) -> dict[str, float] | None:
-    """Mean loss and metrics of `model` over `loader` (at most `limit` batches), read once at the end;
-    None when a stop signal arrives first."""
+             world: World = SINGLE) -> dict[str, float] | None:
+    """Mean loss and metrics of `model` over `loader`, read once at the end; None when a stop signal arrives
+    first. With several ranks, each evaluates its part of the split and the sums are taken over all of them."""
     model.eval()
     metrics.reset()
     device = next(model.parameters()).device
-    loss_sum, n = torch.zeros((), device=device), 0
-    for i, (x, y) in enumerate(loader):
-        if i == limit:
-            break
+    loss_sum, n = torch.zeros((), device=device), torch.zeros((), device=device)
+    for x, y in loader:
         x, y = to_input(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
         with amp():
             out = model(x)
@@ -72,10 +71,13 @@ def evaluate(model: nn.Module, loader: DataLoader, data: Data, loss_fn: nn.Modul
         n += len(y)
         metrics.update(*_predictions(out.float(), y, data))
         if interrupt.requested():
-            return None
+            break
+    if world.stop():  # every rank agrees, once its part is done or it got the signal
+        return None
+    loss_sum, n = world.total(torch.stack([loss_sum, n])).tolist()
     if n == 0:
         raise UserError("nothing to evaluate: the split is empty")
-    return {"loss": (loss_sum / n).item(), **{k: v.item() for k, v in metrics.compute().items()}}
+    return {"loss": loss_sum / n, **{k: v.item() for k, v in metrics.compute().items()}}  # compute() sums over ranks
 
 
 def _predictions(out: torch.Tensor, y: torch.Tensor, data: Data) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +112,7 @@ def run_eval(args: list[str]) -> int:
     rundir.load_weights(p.model, state.get("model", state), checkpoint)  # an hsci checkpoint or a bare state dict
     metrics = make_metrics(p.data.task, p.data.num_outputs).to(p.device)
     results = evaluate(p.model, p.test_loader if split == "test" else p.val_loader, p.data, p.loss_fn, metrics,
-                       p.to_input, p.amp, cfg.trainer.limit_batches)
+                       p.to_input, p.amp)
     report.metrics_table(f"{split} split, {checkpoint}", results)
     if out:
         rundir.write_json(out, {"split": split, "checkpoint": str(checkpoint), "metrics": results,

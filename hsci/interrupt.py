@@ -28,16 +28,21 @@ def at_once(signum: int, frame) -> None:
 
 
 @contextmanager
-def caught() -> Iterator[None]:
-    """While inside, the first stop signal is recorded instead of ending the process."""
+def caught(again_at_once: bool = True) -> Iterator[None]:
+    """While inside, the first stop signal is recorded instead of ending the process. A second one acts at once,
+    unless `again_at_once` is false: a rank of a run on several devices hears a Ctrl-C from the terminal and
+    again from its launcher, and leaves quitting at once to the launcher (which kills it past its timeout)."""
 
     def handler(signum: int, frame) -> None:
+        if received and not again_at_once:
+            return
         received.append(signum)
-        signal.signal(signal.SIGINT, at_once)  # a second one: KeyboardInterrupt at once
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
-        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step and saving "
-                         "(Ctrl-C again to quit at once)\n")
+        if again_at_once:
+            signal.signal(signal.SIGINT, at_once)  # a second one: KeyboardInterrupt at once
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step and saving"
+                         + (" (Ctrl-C again to quit at once)\n" if again_at_once else "\n"))
 
     previous = {s: signal.getsignal(s) for s in STOPS}
     if not received:

@@ -10,21 +10,31 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler, Subset
 
 from hsci import UserError
 from hsci.data import Tensors, crop_flip
+
+
+def share(batch, rank: int, ranks: int):
+    """Rank `rank`'s share of a global batch (a list or a tensor): the `rank`-th of `ranks` consecutive, equal
+    parts, so the ranks' shares side by side are the batch one process would take."""
+    n = len(batch)
+    return batch[n * rank // ranks:n * (rank + 1) // ranks]
 
 
 class EpochSampler(Sampler):
     """The training batches: a permutation, and a seed per sample, that are functions of (run seed, epoch).
 
     So a run restarted at any epoch and batch sees exactly the data it would have seen, with any number
-    of worker processes. Yields lists of keys: indices, or (index, seed) pairs for datasets that augment.
+    of worker processes or of ranks (each takes its `share` of every batch). Yields lists of keys: indices,
+    or (index, seed) pairs for datasets that augment.
     """
 
-    def __init__(self, n: int, batch_size: int, drop_last: bool, seed: int, with_seeds: bool):
+    def __init__(self, n: int, batch_size: int, drop_last: bool, seed: int, with_seeds: bool, rank: int = 0,
+                 ranks: int = 1):
         self.n, self.batch_size, self.drop_last, self.seed, self.with_seeds = n, batch_size, drop_last, seed, with_seeds
+        self.rank, self.ranks = rank, ranks
         self.epoch, self.first = 1, 0
 
     def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
@@ -40,7 +50,7 @@ class EpochSampler(Sampler):
         if self.with_seeds:
             keys = list(zip(keys, torch.randint(2**62, (self.n,), generator=g).tolist()))
         for b in range(self.first, self.first + len(self)):
-            yield keys[b * self.batch_size:(b + 1) * self.batch_size]
+            yield share(keys[b * self.batch_size:(b + 1) * self.batch_size], self.rank, self.ranks)
 
 
 def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
@@ -56,12 +66,15 @@ class DeviceLoader:
 
     The training loader gives the same stream on every device, in the order `EpochSampler` gives (by
     position: an interrupted epoch resumes exactly), and the same distribution of augmented images as
-    `CropFlip` per sample."""
+    `CropFlip` per sample. With several ranks, each takes its `share` of every training batch; an evaluation
+    split is given already cut to the rank's part."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, *, train: bool, seed: int):
+    def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, *, train: bool, seed: int,
+                 rank: int = 0, ranks: int = 1):
         self.x, self.y = dataset.x.to(device), dataset.y.to(device)
         self.augment = dataset.augment if train else None
         self.batch_size, self.train, self.seed, self.device = batch_size, train, seed, device
+        self.rank, self.ranks = rank, ranks
         self.drop_last = train and len(self.x) > batch_size
         self.epoch, self.start = 1, 0
 
@@ -82,11 +95,12 @@ class DeviceLoader:
                 offsets = torch.randint(2 * self.augment.padding + 1, (n, 2), generator=g).to(self.device)
                 flips = (torch.rand(n, generator=g) < 0.5).to(self.device)
         for i in range(self.start, self.start + len(self) * self.batch_size, self.batch_size):
-            batch = order[i:i + self.batch_size]
+            mine = share(range(i, min(i + self.batch_size, n)), self.rank, self.ranks)  # this rank's positions
+            batch = order[mine.start:mine.stop]
             x = self.x[batch]
             if self.augment:
-                x = crop_flip(x, self.augment.padding, offsets[i:i + self.batch_size],
-                              flips[i:i + self.batch_size] & self.augment.flip)
+                x = crop_flip(x, self.augment.padding, offsets[mine.start:mine.stop],
+                              flips[mine.start:mine.stop] & self.augment.flip)
             yield x, self.y[batch]
 
 
@@ -106,14 +120,27 @@ def pick_loader(choice: str, data, device: torch.device) -> str:
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int | str, device: torch.device, *,
-                train: bool, seed: int, kind: str = "torch") -> DataLoader | DeviceLoader:
+                train: bool, seed: int, kind: str = "torch", limit: int | None = None, rank: int = 0,
+                ranks: int = 1) -> DataLoader | DeviceLoader:
     """A DeviceLoader for kind `gpu`; else a DataLoader whose training batches come from an `EpochSampler`
-    (a ragged last one dropped); an in-memory set is fetched a whole batch at a time."""
+    (a ragged last one dropped); an in-memory set is fetched a whole batch at a time.
+
+    `batch_size` is the global batch: with `ranks` ranks, a training loader gives rank `rank` its share of
+    every batch, and an evaluation loader its consecutive part of the split (of its first `limit` batches),
+    so that the ranks count each sample once."""
+    if not train:  # this rank's part of the split, in batches of its share of the global batch
+        mine = share(range(min(len(dataset), limit * batch_size) if limit else len(dataset)), rank, ranks)
+        if len(mine) < len(dataset):
+            dataset = (Tensors(dataset.x[mine.start:mine.stop], dataset.y[mine.start:mine.stop])
+                       if isinstance(dataset, Tensors) else Subset(dataset, mine))
+        batch_size = max(1, batch_size // ranks)
     if kind == "gpu":
-        return DeviceLoader(dataset, batch_size, device, train=train, seed=seed)
+        return DeviceLoader(dataset, batch_size, device, train=train, seed=seed, rank=rank if train else 0,
+                            ranks=ranks if train else 1)
     workers = min(8, os.cpu_count() or 1) if num_workers == "auto" else int(num_workers)
     drop_last = train and len(dataset) > batch_size  # a batch of one breaks batch norm
-    batches = (EpochSampler(len(dataset), batch_size, drop_last, seed, getattr(dataset, "augment", None) is not None)
+    batches = (EpochSampler(len(dataset), batch_size, drop_last, seed, getattr(dataset, "augment", None) is not None,
+                            rank, ranks)
                if train else BatchSampler(SequentialSampler(dataset), batch_size, drop_last=False))
     common = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
               "worker_init_fn": _worker_init,

@@ -106,6 +106,12 @@ def _refuse_links(folder: Path, verb: str) -> None:
                         "remove it")
 
 
+def requeued(folder: Path) -> bool:
+    """Whether this sweep job runs again in the folder where it ran before (a cluster job requeued after
+    preemption or a time limit), and so should carry on from its last checkpoint."""
+    return False  # the submitit launcher's requeue comes next
+
+
 def holds_record(folder: Path) -> bool:
     """Whether a run or a sweep has written into `folder` (a sweep: a job folder with .hydra in it)."""
     if not folder.is_dir():

@@ -34,6 +34,10 @@ class Trainer:
     compile: Any = MISSING  # false, true or max-autotune
     deterministic: bool = MISSING
     monitor: str = "auto"  # or a recorded validation value (checked below); runs saved before it existed: auto
+    # Runs saved before these existed ran one process: their defaults.
+    devices: Any = 1  # processes on this machine, one per GPU (or CPU processes): N or auto
+    sync_batchnorm: bool = False
+    dist_timeout_s: float = 300
 
 
 @dataclass
@@ -79,6 +83,8 @@ CHECKS = [("seed", lambda v: 0 <= v < 2**32, "between 0 and 2**32 - 1 (429496729
           ("trainer.grad_clip", lambda v: v is None or v > 0, "above 0, or null"),
           ("trainer.channels_last", lambda v: v in ("auto", True, False), "auto, true or false"),
           ("trainer.compile", lambda v: v in (False, True, "max-autotune"), "false, true or max-autotune"),
+          ("trainer.devices", lambda v: v == "auto" or isinstance(v, int) and v >= 1, "auto or 1 or more"),
+          ("trainer.dist_timeout_s", lambda v: v > 0, "above 0"),
           ("trainer.monitor", lambda v: v == "auto" or any(v in names for names in MONITORS.values()),
            "auto or a validation value: " + ", ".join(dict.fromkeys(sum(MONITORS.values(), ())))),
           ("data.random_crop_padding", lambda v: v >= 0, "0 or more"),
@@ -116,6 +122,7 @@ def check_values(cfg: DictConfig, skip: tuple[str, ...] = ()) -> None:
         if not valid:
             raise UserError(f"{key}={value} is invalid: it must be {requirement}")
     _check_monitor(cfg, skipped)
+    _check_devices(cfg, skipped)
     data = cfg.data
     if skipped("data.mean") or skipped("data.std") or skipped("data.channels") or skipped("data.image_shape"):
         return
@@ -127,6 +134,20 @@ def check_values(cfg: DictConfig, skip: tuple[str, ...] = ()) -> None:
                             f"channel(s): give one per channel, e.g. data.{key}=[{', '.join(['0.5'] * channels)}]")
     if channels and "std" in data and min(data.std) <= 0:
         raise UserError(f"data.std={list(data.std)} is invalid: every value must be above 0")
+
+
+def _check_devices(cfg: DictConfig, skipped) -> None:
+    """Several processes split the global batch evenly; synchronised batch norm needs CUDA."""
+    trainer = cfg.trainer
+    if any(skipped(key) for key in ("trainer.devices", "data.batch_size", "trainer.device", "trainer.sync_batchnorm")):
+        return
+    n, batch = trainer.devices, OmegaConf.select(cfg, "data.batch_size", default=None)
+    if isinstance(n, int) and n > 1 and isinstance(batch, int) and batch % n:
+        raise UserError(f"data.batch_size={batch} does not split evenly over trainer.devices={n}: it is the global "
+                        f"batch; use a multiple of {n}, e.g. data.batch_size={batch // n * n or n}")
+    if trainer.sync_batchnorm and trainer.device == "cpu" and n != 1:
+        raise UserError("trainer.sync_batchnorm=true needs CUDA devices (torch synchronises batch norm only there): "
+                        "set it to false with trainer.device=cpu")
 
 
 def _check_monitor(cfg: DictConfig, skipped) -> None:

@@ -23,8 +23,9 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import default_collate
 
-from hsci import interrupt, rundir
+from hsci import rundir
 from hsci.build import Parts
+from hsci.distributed import SINGLE, World
 
 
 @dataclass
@@ -72,9 +73,10 @@ DIVERGED_HINT = ("lower optimizer.lr, set trainer.grad_clip (e.g. 1.0), or use t
                  "fp16; the last good checkpoint stays in checkpoints/")
 
 
-def train_epoch(parts: Parts, *, optim: Optim, batches: Iterable, epoch: Epoch, readings: Readings) -> None:
+def train_epoch(parts: Parts, *, optim: Optim, batches: Iterable, epoch: Epoch, readings: Readings) -> int | None:
     """Carry `epoch` on from its step reached to its last, updating it as it goes; stops after the current step
-    when a signal asks to. The loss stays on the device: it is read at readings only."""
+    when a signal asks any rank to, and returns that signal. The loss stays on the device: it is read at
+    readings only (then over all ranks)."""
     parts.model.train()
     first, losses = epoch.step, torch.empty(epoch.stop, device=parts.device)  # kept to name the step that went NaN
     for step, (x, y) in zip(range(epoch.step, epoch.stop), batches):
@@ -93,14 +95,18 @@ def train_epoch(parts: Parts, *, optim: Optim, batches: Iterable, epoch: Epoch, 
         losses[step] = loss.detach()
         epoch.step, epoch.seen = step + 1, epoch.seen + len(y)
         readings.advance()
-        if reading or interrupt.requested():
-            loss_sum = readings.take(lr, grad_norm, optim.sched.last_epoch) if reading else epoch.loss_sum.item()
-            if not math.isfinite(loss_sum):
-                bad = first + int((~torch.isfinite(losses[first:epoch.step])).nonzero()[0])
-                raise Diverged(f"the loss became {losses[bad].item()} at epoch {epoch.number}, step {bad + 1}: "
-                               + DIVERGED_HINT)
-        if interrupt.requested():
-            break
+        stop = parts.world.stop()
+        if reading or stop:
+            loss_sum = (readings.take(lr, grad_norm, optim.sched.last_epoch) if reading
+                        else parts.world.mean(epoch.loss_sum).item())
+            if not math.isfinite(loss_sum):  # on any rank: every rank reads the same sum
+                bad = (~torch.isfinite(losses[first:epoch.step])).nonzero().flatten().tolist()
+                where = (f"became {losses[first + bad[0]].item()} at epoch {epoch.number}, step {first + bad[0] + 1}"
+                         if bad else f"became {loss_sum} on another rank by epoch {epoch.number}, step {epoch.step}")
+                raise Diverged(f"the loss {where}: {DIVERGED_HINT}")
+        if stop:
+            return stop
+    return None
 
 
 def clip_or_measure(model: nn.Module, optim: Optim) -> torch.Tensor:
@@ -117,8 +123,8 @@ class Readings:
     `progress` (report.epoch_progress: the bar's text on a terminal, a printed line otherwise, and train.log);
     loggers to come hook in here."""
 
-    def __init__(self, every: int, epoch: Epoch, path: Path | None = None, progress=None):
-        self.every, self.epoch, self.path, self.progress = every, epoch, path, progress
+    def __init__(self, every: int, epoch: Epoch, path: Path | None = None, progress=None, world: World = SINGLE):
+        self.every, self.epoch, self.path, self.progress, self.world = every, epoch, path, progress, world
         # Where the last reading was taken (here, for the first one): loss sum, steps, samples, time.
         self.mark, self.step, self.seen, self.time = epoch.loss_sum.clone(), epoch.step, epoch.seen, time.perf_counter()
 
@@ -131,14 +137,14 @@ class Readings:
             self.progress.advance(self.epoch.step)
 
     def take(self, lr: float, grad_norm: torch.Tensor | None, run_step: int) -> float:
-        """Read the epoch's loss sum and the step's grad norm off the device at once (one sync), record the mean
-        loss over the steps since the last reading, and return the loss sum."""
+        """Read the epoch's loss sum and the step's grad norm off the device at once (one sync; with several ranks,
+        their mean), record the mean loss over the steps since the last reading, and return the loss sum."""
         epoch = self.epoch
         values = [epoch.loss_sum, self.mark] + ([grad_norm.float()] if grad_norm is not None else [])
-        loss_sum, mark, *norm = torch.stack(values).tolist()
+        loss_sum, mark, *norm = self.world.mean(torch.stack(values)).tolist()  # the norm is the same on every rank
         now = time.perf_counter()
         record = {"step": run_step, "epoch": epoch.number, "train_loss": (loss_sum - mark) / (epoch.step - self.step),
-                  "lr": lr, "img_per_s": (epoch.seen - self.seen) / (now - self.time),
+                  "lr": lr, "img_per_s": (epoch.seen - self.seen) * self.world.size / (now - self.time),
                   "grad_norm": norm[0] if norm and math.isfinite(norm[0]) else None}  # inf: a step fp16 skipped
         self.mark, self.step, self.seen, self.time = epoch.loss_sum.clone(), epoch.step, epoch.seen, now
         if not math.isfinite(loss_sum):  # the run stops as diverged; summary.json names the step

@@ -25,10 +25,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import hsci
-from hsci import UserError, flat, interrupt, report, rundir, user_error
+from hsci import UserError, distributed, flat, interrupt, report, rundir, user_error
 from hsci.build import Parts, build, pick_device
 from hsci.evaluate import evaluate, make_metrics, monitor
 from hsci.loaders import Timed, start_epoch
+from hsci.owner import requeued
 from hsci.schema import check_keys, check_values
 from hsci.step import (DIVERGED_HINT, Diverged, Epoch, Optim, Readings, optimizing, peak_memory_gb,
                        reset_peak_memory, train_epoch, warm_up)
@@ -36,8 +37,8 @@ from hsci.step import (DIVERGED_HINT, Diverged, Epoch, Optim, Readings, optimizi
 # What a resumed run may change: where the data lives and how the loop runs, never the experiment.
 RESUMABLE = ("trainer.", "data.root", "data.download", "data.num_workers")
 # What summary.json says of a run's outcome: cleared when a resume sets it running again.
-RESULTS = ("error", "device", "precision", "channels_last", "loader", "compile_s", "startup_s", "epochs_run",
-           "monitor", "mode", "best_epoch", "best_val", "test")
+RESULTS = ("error", "device", "precision", "channels_last", "loader", "compile_s", "startup_s", "world_size", "nodes",
+           "backend", "epochs_run", "monitor", "mode", "best_epoch", "best_val", "test")
 STEPS = "steps.jsonl"  # a line per reading (see Readings)
 
 
@@ -64,11 +65,13 @@ class Position:
 POSITION = ("model", "optimizer", "scheduler", "scaler", "rng", *(f.name for f in fields(Position)))
 
 
-def main(cfg: DictConfig, changes: list[str] = ()) -> None:
-    """Run (or resume) one training job and record its outcome; a single run exits non-zero unless it completed."""
+def main(cfg: DictConfig, changes: list[str] = ()) -> float | None:
+    """Run (or resume) one training job and record its outcome; a single run exits non-zero unless it completed.
+    Returns the best value of the monitored validation metric (what sweepers that optimise read), or None."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    resumed = bool(cfg.resume)
+    # A sweep job that finds its own run in its folder was requeued (a preempted cluster job): it carries on.
+    resumed = bool(cfg.resume) or (hydra_cfg.mode == RunMode.MULTIRUN and requeued(run_dir))
     if resumed:
         try:
             cfg, state, summary = reopen(run_dir, changes)
@@ -92,7 +95,7 @@ def main(cfg: DictConfig, changes: list[str] = ()) -> None:
     try:
         if hydra_cfg.mode == RunMode.MULTIRUN and not resumed:  # a single run's keys were checked before its
             check_keys(cfg, hydra_cfg)  # folder was made, a sweep's only where they did not vary from job to job
-        summary |= train(cfg, config, run_dir, state)
+        summary |= run(cfg, config, run_dir, state, resumed)
     except Diverged as e:
         summary |= {"status": "diverged", "error": str(e)}
     except KeyboardInterrupt:  # a second Ctrl-C: out at once, the last checkpoint stays
@@ -110,6 +113,7 @@ def main(cfg: DictConfig, changes: list[str] = ()) -> None:
         summary["duration_s"] = round(summary.get("duration_s", 0) + time.time() - start, 3)
         rundir.write_json(run_dir / "summary.json", summary)
     finish(summary, hydra_cfg)
+    return summary["best_val"][summary["monitor"]] if summary["status"] == "completed" else None
 
 
 def finish(summary: dict, hydra_cfg) -> None:
@@ -123,6 +127,103 @@ def finish(summary: dict, hydra_cfg) -> None:
     report.error(message)
     if hydra_cfg.mode == RunMode.RUN:
         sys.exit(interrupt.exit_code() if interrupt.requested() else 1)
+
+
+def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, resumed: bool) -> dict:
+    """Train in this process, as rank 0 of the ranks torchrun started, or through `trainer.devices` worker
+    processes that the elastic launcher starts; returns the results for summary.json."""
+    trainer = cfg.trainer
+    if distributed.started_as_rank():  # torchrun's rank 0; the other ranks `follow`
+        world = distributed.join(trainer.device, trainer.dist_timeout_s)
+        try:
+            distributed.share_run_dir(world, run_dir)
+            return train(cfg, config, run_dir, state, world)
+        except Diverged:  # on every rank at once
+            raise
+        except Exception as e:
+            raise rank_failed(e, world, run_dir) from None
+        finally:
+            distributed.leave()
+    devices = distributed.devices(trainer.devices, trainer.device)
+    return launched(run_dir, devices, resumed) if devices > 1 else train(cfg, config, run_dir, state)
+
+
+def launched(run_dir: Path, devices: int, resumed: bool) -> dict:
+    """Run the training in `devices` ranks started by the elastic launcher, each loading the config saved in
+    `run_dir`; rank 0 writes the results into summary.json, which this returns."""
+    if interrupt.requested():
+        name = signal.Signals(interrupt.requested()).name
+        return {"status": "interrupted", "error": f"{name} before the processes started; resume with: hsci train "
+                                                  f"resume={run_dir}"}
+    report.say(f"starting {devices} processes (elastic launcher); rank 0 reports")
+    failed = None
+    try:
+        distributed.launch(devices, as_rank, str(run_dir), resumed)
+    except distributed.Failed as e:  # unless a stop signal ended a rank before it could stop in step
+        failed = None if e.by_signal and interrupt.requested() else str(e)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if failed:
+        report.log.error(failed)
+        return summary | {"status": "failed", "error": failed}
+    if summary["status"] == "running":  # stopped before rank 0 could record it
+        name = signal.Signals(interrupt.requested() or signal.SIGTERM).name
+        return summary | {"status": "interrupted", "error": f"{name}; resume with: hsci train resume={run_dir}"}
+    return summary
+
+
+def as_rank(run_dir: str, resumed: bool) -> None:
+    """One rank, started by the elastic launcher: the run in `run_dir` from its saved config."""
+    run_dir = Path(run_dir)
+    cfg = rundir.load_config(run_dir, [], (), "train")
+    world = distributed.join(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+    take_part(cfg, run_dir, resumed, world)
+
+
+def follow(args: list[str]) -> None:
+    """A rank other than 0 that torchrun (or a cluster) started with `hsci train args`: it joins the others,
+    learns the run directory from rank 0, which composed the config and made the directory, and takes part."""
+    from hsci.build import compose
+    from hsci.owner import find_run
+
+    resume = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
+    changes = [a for a in args if "=" in a and not a.startswith(("resume=", "hydra.", "-"))]
+    cfg = (rundir.load_config(find_run(resume, "resume"), changes, RESUMABLE, "resume") if resume
+           else compose([a for a in args if not a.startswith("-")]))  # to know the device, hence the backend
+    world = distributed.join(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+    run_dir = distributed.share_run_dir(world, None)
+    if not (run_dir / ".hydra" / "config.yaml").is_file():
+        raise UserError(f"rank {world.rank} cannot see rank 0's run directory {run_dir}: put it on a filesystem every "
+                        "node shares (hydra.run.dir=/shared/...)")
+    take_part(rundir.load_config(run_dir, [], (), "train"), run_dir, bool(resume), world)
+
+
+def take_part(cfg: DictConfig, run_dir: Path, resumed: bool, world: distributed.World) -> None:
+    """A rank's part of the run: the training, on its share of the data. Rank 0 (under the elastic launcher)
+    writes the results into summary.json; a rank that fails logs its traceback and ends, which stops the rest."""
+    distributed.rank_logging(world, run_dir / "train.log")
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    last = run_dir / "checkpoints" / "last.pt"
+    state = rundir.load_checkpoint(last, POSITION) if resumed and last.exists() else None
+    with interrupt.caught(again_at_once=False):
+        try:
+            results = train(cfg, config, run_dir, state, world)
+        except Diverged as e:  # every rank sees the same loss: all stop at the same step
+            results = {"status": "diverged", "error": str(e)}
+        except Exception as e:
+            raise rank_failed(e, world, run_dir) from None
+        finally:
+            distributed.leave()
+    if world.main:
+        path = run_dir / "summary.json"
+        rundir.write_json(path, json.loads(path.read_text()) | results)
+
+
+def rank_failed(e: Exception, world: distributed.World, run_dir: Path) -> distributed.RankFailed:
+    """This rank's error, logged with its traceback; raised as the run's (the error of the first rank to fail)."""
+    cause = user_error(e)
+    error = str(cause) if cause else f"{type(e).__name__}: {flat(e)} (traceback in {run_dir / 'train.log'})"
+    report.log.exception(error)
+    return distributed.RankFailed(world.blame(error))
 
 
 def reopen(run_dir: Path, changes: list[str]) -> tuple[DictConfig, dict | None, dict]:
@@ -156,13 +257,15 @@ def reopen(run_dir: Path, changes: list[str]) -> tuple[DictConfig, dict | None, 
     return cfg, state, summary
 
 
-def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = None) -> dict:
+def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = None,
+          world: distributed.World = distributed.SINGLE) -> dict:
     """Train and validate every epoch, keep the best checkpoint, test it; returns the results for summary.json.
 
-    `state` (a last.pt) puts the run back where it stopped; `config` is `cfg` as plain values.
+    `state` (a last.pt) puts the run back where it stopped; `config` is `cfg` as plain values. Every rank of
+    `world` runs this on its share of the data; rank 0 alone writes the run directory (`world.main`).
     """
     report.config(config, OmegaConf.to_yaml(config))
-    parts = build(cfg)
+    parts = build(cfg, world=world)
     trainer, data = cfg.trainer, parts.data
     steps = min(len(parts.train_loader), trainer.limit_batches or len(parts.train_loader))
     optim = optimizing(cfg, parts, epochs=trainer.epochs, steps_per_epoch=steps)
@@ -172,17 +275,26 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
     position = restore(state, parts.model, optim, last) if state else Position()
     if state:
         report.say(f"resuming at epoch {position.epoch + 1}, step {position.step}")
-    rundir.keep_records(run_dir / "metrics.jsonl", "epoch", position.epoch)  # a resumed run redoes what came after
-    rundir.keep_records(run_dir / STEPS, "step", optim.sched.last_epoch)
-    compile_s = warm_up(parts, data.batch_size) if trainer.compile else 0.0
+        saved_by = state.get("world_size", 1)
+        if saved_by != world.size:
+            report.log.warning(f"resuming on {world.size} process(es), saved by {saved_by}: each process's share "
+                               "of a batch changed (the global batch is the same; batch norm statistics and random "
+                               "masks are drawn per share, so the run differs from one that was not interrupted)")
+            report.say(f"note: the data split across processes changed ({saved_by} -> {world.size})")
+    if world.main:  # a resumed run redoes what came after
+        rundir.keep_records(run_dir / "metrics.jsonl", "epoch", position.epoch)
+        rundir.keep_records(run_dir / STEPS, "step", optim.sched.last_epoch)
+    compile_s = warm_up(parts, data.batch_size // world.size) if trainer.compile else 0.0
     setup = {"device": str(parts.device), "precision": parts.precision, "channels_last": parts.channels_last,
              "loader": parts.loader, "compile_s": round(compile_s, 3),
-             "startup_s": round(time.time() - hsci.STARTED, 3)}
+             "startup_s": round(time.time() - hsci.STARTED, 3), "world_size": world.size, "nodes": world.nodes,
+             "backend": world.backend}
+    stepping = replace(parts, model=world.wrap(parts.model, parts.device))  # the step runs DDP's model
     size = sum(weights.numel() for weights in parts.model.parameters())
     report.say("  ".join(f"{k} {v}" for k, v in setup.items()) + f"  {size:,} parameters  train/val/test "
                f"{len(data.train)}/{len(data.val)}/{len(data.test)}  run dir {run_dir}")
     evaluating = partial(evaluate, parts.model, data=data, loss_fn=parts.loss_fn, metrics=metrics,
-                         to_input=parts.to_input, amp=parts.amp, limit=trainer.limit_batches)
+                         to_input=parts.to_input, amp=parts.amp, world=world)
 
     while position.epoch < trainer.epochs:
         if trainer.early_stop_patience and position.stale >= trainer.early_stop_patience:
@@ -194,29 +306,35 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
         reset_peak_memory(parts.device)
         lr, start = optim.opt.param_groups[0]["lr"], time.perf_counter()
         with report.epoch_progress(epoch.number, trainer.epochs, epoch.step, steps) as progress:
-            readings = Readings(trainer.log_every, epoch, run_dir / STEPS, progress)
-            train_epoch(parts, optim=optim, batches=batches, epoch=epoch, readings=readings)
+            readings = Readings(trainer.log_every, epoch, run_dir / STEPS if world.main else None, progress, world)
+            stop = train_epoch(stepping, optim=optim, batches=batches, epoch=epoch, readings=readings)
         epoch_s = time.perf_counter() - start
-        val = None if interrupt.requested() else evaluating(parts.val_loader)
+        loss_sum = world.mean(epoch.loss_sum).item()  # over every rank's share
+        world.same_buffers(parts.model)
+        val = None if stop else evaluating(parts.val_loader)
         if val is None:  # a stop signal: save the exact point reached
-            position = replace(position, step=epoch.step, loss_sum=epoch.loss_sum.item(), seen=epoch.seen)
-            rundir.save_checkpoint(last, checkpoint(parts, optim, position, config))
+            position = replace(position, step=epoch.step, loss_sum=loss_sum, seen=epoch.seen)
+            if world.main:
+                rundir.save_checkpoint(last, checkpoint(parts, optim, position, config, world))
             return setup | stopped(run_dir, position.epoch, f"at epoch {epoch.number}, step {epoch.step}")
         if not math.isfinite(val["loss"]):
             raise Diverged(f"the validation loss is {val['loss']} after epoch {epoch.number}: {DIVERGED_HINT}")
-        record = {"epoch": epoch.number, "train_loss": epoch.loss_sum.item() / epoch.step,
+        record = {"epoch": epoch.number, "train_loss": loss_sum / epoch.step,
                   **{f"val_{k}": v for k, v in val.items()}, "lr": lr, "epoch_s": epoch_s,
-                  "train_img_per_s": (epoch.seen - epoch.seen_first) / epoch_s, "data_wait_s": batches.wait_s,
-                  "max_mem_gb": peak_memory_gb(parts.device)}
-        rundir.append_jsonl(run_dir / "metrics.jsonl", record)
+                  "train_img_per_s": (epoch.seen - epoch.seen_first) * world.size / epoch_s,
+                  "data_wait_s": batches.wait_s, "max_mem_gb": peak_memory_gb(parts.device)}
         report.epoch_row(record, first=epoch.number == 1)
         improved = better(record, position.best_record, key, mode)
         position = Position(epoch.number, best_record=record if improved else position.best_record,
                             stale=0 if improved else position.stale + 1)
-        if improved:
-            rundir.save_checkpoint(run_dir / "checkpoints" / "best.pt", checkpoint(parts, optim, position, config))
-        rundir.save_checkpoint(last, checkpoint(parts, optim, position, config))
+        if world.main:
+            rundir.append_jsonl(run_dir / "metrics.jsonl", record)
+            if improved:
+                rundir.save_checkpoint(run_dir / "checkpoints" / "best.pt",
+                                       checkpoint(parts, optim, position, config, world))
+            rundir.save_checkpoint(last, checkpoint(parts, optim, position, config, world))
 
+    world.barrier()  # rank 0 has written best.pt
     best_state = rundir.load_checkpoint(run_dir / "checkpoints" / "best.pt")
     rundir.load_weights(parts.model, best_state["model"], run_dir / "checkpoints" / "best.pt")
     test = evaluating(parts.test_loader)
@@ -255,11 +373,12 @@ def restore(state: dict, model: nn.Module, optim: Optim, source: Path) -> Positi
     return Position(**{f.name: state[f.name] for f in fields(Position)})
 
 
-def checkpoint(parts: Parts, optim: Optim, position: Position, config: dict) -> dict:
-    """Everything to carry on exactly from `position`, and the run's config."""
+def checkpoint(parts: Parts, optim: Optim, position: Position, config: dict, world: distributed.World) -> dict:
+    """Everything to carry on exactly from `position` (the model's own weights, as one process has them: every
+    rank holds the same), the number of processes that trained it, and the run's config."""
     return {"model": parts.model.state_dict(), "optimizer": optim.opt.state_dict(),
             "scheduler": optim.sched.state_dict(), "scaler": optim.scaler.state_dict(), "rng": rundir.rng_state(),
-            **asdict(position), "config": config}
+            **asdict(position), "world_size": world.size, "config": config}
 
 
 def stopped(run_dir: Path, done: int, where: str) -> dict:
