@@ -27,9 +27,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hsci import UserError, interrupt
 
-RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets
-
-
 @dataclass(frozen=True)
 class World:
     """This process's place among the run's processes: one process, rank 0 of 1, unless started as a rank."""
@@ -120,14 +117,6 @@ SINGLE = World()
 def started_as_rank() -> bool:
     """Whether this process was started as a rank of a larger job (torchrun, or a cluster that sets RANK)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def rank_from_env() -> int:
-    return int(os.environ.get("RANK", 0))
-
-
-def nodes_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", 1)) // int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
 
 
 def devices(choice: int | str, device: str) -> int:

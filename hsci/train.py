@@ -158,7 +158,7 @@ def launched(run_dir: Path, devices: int, resumed: bool) -> dict:
     report.say(f"starting {devices} processes (elastic launcher); rank 0 reports")
     failed = None
     try:
-        distributed.launch(devices, as_rank, str(run_dir), resumed)
+        distributed.launch(devices, as_rank, str(run_dir), resumed, hsci.STARTED)
     except distributed.Failed as e:  # unless a stop signal ended a rank before it could stop in step
         failed = None if e.by_signal and interrupt.requested() else str(e)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -171,9 +171,9 @@ def launched(run_dir: Path, devices: int, resumed: bool) -> dict:
     return summary
 
 
-def as_rank(run_dir: str, resumed: bool) -> None:
+def as_rank(run_dir: str, resumed: bool, started: float) -> None:
     """One rank, started by the elastic launcher: the run in `run_dir` from its saved config."""
-    run_dir = Path(run_dir)
+    hsci.STARTED, run_dir = started, Path(run_dir)  # startup_s counts from the launcher's start
     cfg = rundir.load_config(run_dir, [], (), "train")
     world = distributed.join(cfg.trainer.device, cfg.trainer.dist_timeout_s)
     take_part(cfg, run_dir, resumed, world)

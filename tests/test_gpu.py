@@ -174,3 +174,59 @@ def test_bench_on_cuda_takes_the_cuda_defaults_and_reads_device_memory(tmp_path)
     assert result.returncode == 0, result.stderr
     assert "training step (cuda, bf16, channels_last True" in result.stdout and "loader (gpu" in result.stdout
     assert 0 < float(re.search(r"peak_mem_gb\s+([\d.]+)", result.stdout)[1]) < 0.5
+
+
+def test_the_ddp_step_on_one_gpu_reads_the_device_no_more_than_the_plain_step(monkeypatch):
+    # One rank of NCCL, as torchrun --nproc_per_node=1 starts it: DDP's bucketed all-reduce and the stop flag
+    # (exchanged on the CPU) add no synchronising call to hsci's step.
+    import socket
+    from dataclasses import replace
+
+    from hsci import distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    world = distributed.join("cuda", 60)
+    try:
+        cfg = compose(["trainer.device=cuda", "trainer.precision=bf16", "data.batch_size=64"])
+        parts = build(cfg, world=world)
+        stepping = replace(parts, model=world.wrap(parts.model, parts.device))
+        batches = [batch for _, batch in zip(range(10), parts.train_loader)]
+        optim = optimizing(cfg, parts, epochs=3, steps_per_epoch=10)
+
+        def epoch_of(p) -> None:
+            epoch = Epoch.start(1, 10, parts.device)
+            train_epoch(p, optim=optim, batches=batches, epoch=epoch, readings=Readings(5, epoch, world=world))
+
+        def syncs(run) -> int:
+            run()
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    run()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            return sum("synchroniz" in str(w.message) for w in caught)
+
+        assert world.backend == "nccl"
+        assert syncs(lambda: epoch_of(stepping)) == syncs(lambda: epoch_of(parts))
+    finally:
+        distributed.leave()
+
+
+def test_torchrun_on_one_gpu_trains_through_nccl(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                             "-m", "hsci", "train", "trainer.device=cuda", f"trainer.epochs={EPOCHS}"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = summary_of(run_dirs(tmp_path)[0])
+    assert (summary["world_size"], summary["backend"]) == (1, "nccl") and summary["test"]["acc"] > LEARNED
