@@ -6,6 +6,7 @@ import platform
 import random
 import subprocess
 import tempfile
+import time
 import warnings
 import zipfile
 from importlib.metadata import PackageNotFoundError, version
@@ -188,6 +189,11 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def now() -> str:
+    """The time as the record writes it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def versions() -> dict[str, str]:

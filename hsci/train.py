@@ -3,7 +3,8 @@
 The loop is plain code: no trainer class, no callbacks. `main` is the door where the config comes in and
 the outcome is recorded; `train` builds the pieces and runs the epochs, each through hsci/step.py's
 `train_epoch`, which holds the step. A run stopped by a signal saves the exact point it reached
-(`Position`), and `resume=` carries on from it bit for bit.
+(hsci/resume.py), and `resume=` carries on from it bit for bit. With several devices, `launched` starts the
+ranks (hsci/distributed.py), and each rank runs `train` on its share of the data.
 """
 
 from __future__ import annotations
@@ -13,56 +14,29 @@ import math
 import signal
 import sys
 import time
-import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 import hsci
 from hsci import UserError, distributed, flat, interrupt, report, rundir, user_error
-from hsci.build import Parts, build, pick_device
+from hsci.build import build
 from hsci.evaluate import evaluate, make_metrics, monitor
 from hsci.loaders import Timed, start_epoch
 from hsci.owner import requeued
-from hsci.schema import check_keys, check_values
-from hsci.step import (DIVERGED_HINT, Diverged, Epoch, Optim, Readings, optimizing, peak_memory_gb,
-                       reset_peak_memory, train_epoch, warm_up)
+from hsci.resume import POSITION, RESUMABLE, Position, checkpoint, reopen, restore
+from hsci.schema import check_keys
+from hsci.step import (DIVERGED_HINT, Diverged, Readings, optimizing, peak_memory_gb, reset_peak_memory, train_epoch,
+                       warm_up)
 
-# What a resumed run may change: where the data lives and how the loop runs, never the experiment.
-RESUMABLE = ("trainer.", "data.root", "data.download", "data.num_workers")
 # What summary.json says of a run's outcome: cleared when a resume sets it running again.
 RESULTS = ("error", "device", "precision", "channels_last", "loader", "compile_s", "startup_s", "world_size", "nodes",
            "backend", "epochs_run", "monitor", "mode", "best_epoch", "best_val", "test")
 STEPS = "steps.jsonl"  # a line per reading (see Readings)
-
-
-@dataclass
-class Position:
-    """Where a run stands, as last.pt records it: `epoch` epochs complete, then `step` steps of the next one,
-    whose losses add up to `loss_sum` over `seen` samples (all zero between epochs); the best epoch's record
-    so far, and the epochs since it (`stale`)."""
-
-    epoch: int = 0
-    step: int = 0
-    loss_sum: float = 0.0
-    seen: int = 0
-    best_record: dict = field(default_factory=dict)
-    stale: int = 0
-
-    def next_epoch(self, stop: int, device: torch.device) -> Epoch:
-        """The epoch after the last complete one, from the step it stopped after (a resumed run) or from its start."""
-        return Epoch(self.epoch + 1, stop, self.step, torch.tensor(self.loss_sum, device=device), self.seen,
-                     seen_first=self.seen)
-
-
-# What a last.pt holds to carry on exactly: the state of everything that changes, and the Position.
-POSITION = ("model", "optimizer", "scheduler", "scaler", "rng", *(f.name for f in fields(Position)))
 
 
 def main(cfg: DictConfig, changes: list[str] = ()) -> float | None:
@@ -81,7 +55,7 @@ def main(cfg: DictConfig, changes: list[str] = ()) -> float | None:
     else:
         state = None
         summary = {"name": cfg.name, "run_dir": str(run_dir), "seed": cfg.seed,
-                   "overrides": list(hydra_cfg.overrides.task), "started": _now(),
+                   "overrides": list(hydra_cfg.overrides.task), "started": rundir.now(),
                    "versions": rundir.versions(), "git_commit": rundir.git_commit(Path(hydra_cfg.runtime.cwd))}
     if interrupt.requested():  # stopped before training began (or a sweep that was stopped: no further jobs)
         summary |= {"status": "interrupted", "error": "not started: a stop signal came first"}
@@ -226,37 +200,6 @@ def rank_failed(e: Exception, world: distributed.World, run_dir: Path) -> distri
     return distributed.RankFailed(world.blame(error))
 
 
-def reopen(run_dir: Path, changes: list[str]) -> tuple[DictConfig, dict | None, dict]:
-    """For `resume=`: the run's saved config with `changes` applied, its last checkpoint (None if it saved
-    none yet) and its summary so far."""
-    cfg = rundir.load_config(run_dir, changes, RESUMABLE, "resume")
-    picked_by = OmegaConf.load(run_dir / ".hydra" / "config.yaml").trainer.get("monitor", "auto")
-    if cfg.trainer.monitor != picked_by:  # the best checkpoint and the early-stop count were kept by it
-        raise UserError(f"resume: trainer.monitor={cfg.trainer.monitor} would change how {run_dir} picks its best "
-                        f"checkpoint (by {picked_by} so far): resume without it, or start a new run")
-    last = run_dir / "checkpoints" / "last.pt"
-    state = rundir.load_checkpoint(last, POSITION) if last.exists() else None
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        summary = {"name": cfg.name, "seed": cfg.seed}
-    summary["run_dir"] = str(run_dir)  # where the run is now, if it was moved or copied
-    check_values(cfg)  # nothing in the run directory changes for a resume that cannot go on
-    pick_device(cfg.trainer.device)
-    if summary.get("status") == "completed" and state:
-        patience = cfg.trainer.early_stop_patience
-        if state["epoch"] >= cfg.trainer.epochs:
-            raise UserError(f"resume: {run_dir} already completed its {state['epoch']} epochs; raise trainer.epochs "
-                            "to train it further")
-        if patience and state["stale"] >= patience:
-            raise UserError(f"resume: {run_dir} stopped early after epoch {state['epoch']} ({state['stale']} epochs "
-                            "without a better validation metric); raise trainer.early_stop_patience (or set it to "
-                            "null) to train it further")
-    summary["resumed"] = summary.get("resumed", []) + [{"at": _now(), "epoch": state["epoch"] if state else 0,
-                                                        "step": state["step"] if state else 0, "changes": changes}]
-    return cfg, state, summary
-
-
 def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = None,
           world: distributed.World = distributed.SINGLE) -> dict:
     """Train and validate every epoch, keep the best checkpoint, test it; returns the results for summary.json.
@@ -355,37 +298,7 @@ def better(record: dict, best: dict, key: str, mode: str) -> bool:
     return record["val_loss"] < best["val_loss"]
 
 
-def restore(state: dict, model: nn.Module, optim: Optim, source: Path) -> Position:
-    """Put model, optimizer, scheduler, grad scaler and every random generator back as `state` has them, the
-    learning rate where the schedule (as now configured) has it at the step reached; returns the position."""
-    rundir.load_weights(model, state["model"], source)
-    optim.opt.load_state_dict(state["optimizer"])
-    counters = {k: state["scheduler"][k] for k in ("last_epoch", "_step_count")}
-    optim.sched.load_state_dict(optim.sched.state_dict() | counters)  # the schedule's length follows trainer.epochs
-    with warnings.catch_warnings():  # torch's note that get_lr() is meant for inside step()
-        warnings.simplefilter("ignore")
-        rates = optim.sched.get_lr()  # this step's rate on the schedule as it is now, not as it was saved
-    for group, lr in zip(optim.opt.param_groups, rates):
-        group["lr"] = lr
-    if state["scaler"] and optim.scaler.is_enabled():
-        optim.scaler.load_state_dict(state["scaler"])
-    rundir.set_rng_state(state["rng"])
-    return Position(**{f.name: state[f.name] for f in fields(Position)})
-
-
-def checkpoint(parts: Parts, optim: Optim, position: Position, config: dict, world: distributed.World) -> dict:
-    """Everything to carry on exactly from `position` (the model's own weights, as one process has them: every
-    rank holds the same), the number of processes that trained it, and the run's config."""
-    return {"model": parts.model.state_dict(), "optimizer": optim.opt.state_dict(),
-            "scheduler": optim.sched.state_dict(), "scaler": optim.scaler.state_dict(), "rng": rundir.rng_state(),
-            **asdict(position), "world_size": world.size, "config": config}
-
-
 def stopped(run_dir: Path, done: int, where: str) -> dict:
     name = signal.Signals(interrupt.requested()).name
     return {"status": "interrupted", "epochs_run": done,
             "error": f"{name} {where}; resume with: hsci train resume={run_dir}"}
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -1,0 +1,101 @@
+"""Where a run stands and how it is put back there: what `last.pt` records (`Position` and the state of everything
+that changes), `checkpoint` and `restore`, and `reopen`, which takes a run directory up again for `resume=`."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from hsci import UserError, distributed, rundir
+from hsci.build import Parts, pick_device
+from hsci.schema import check_values
+from hsci.step import Epoch, Optim
+
+# What a resumed run may change: where the data lives and how the loop runs, never the experiment.
+RESUMABLE = ("trainer.", "data.root", "data.download", "data.num_workers")
+
+
+@dataclass
+class Position:
+    """Where a run stands, as last.pt records it: `epoch` epochs complete, then `step` steps of the next one,
+    whose losses add up to `loss_sum` over `seen` samples (all zero between epochs); the best epoch's record
+    so far, and the epochs since it (`stale`)."""
+
+    epoch: int = 0
+    step: int = 0
+    loss_sum: float = 0.0
+    seen: int = 0
+    best_record: dict = field(default_factory=dict)
+    stale: int = 0
+
+    def next_epoch(self, stop: int, device: torch.device) -> Epoch:
+        """The epoch after the last complete one, from the step it stopped after (a resumed run) or from its start."""
+        return Epoch(self.epoch + 1, stop, self.step, torch.tensor(self.loss_sum, device=device), self.seen,
+                     seen_first=self.seen)
+
+
+# What a last.pt holds to carry on exactly: the state of everything that changes, and the Position.
+POSITION = ("model", "optimizer", "scheduler", "scaler", "rng", *(f.name for f in fields(Position)))
+
+
+def reopen(run_dir: Path, changes: list[str]) -> tuple[DictConfig, dict | None, dict]:
+    """For `resume=`: the run's saved config with `changes` applied, its last checkpoint (None if it saved
+    none yet) and its summary so far."""
+    cfg = rundir.load_config(run_dir, changes, RESUMABLE, "resume")
+    picked_by = OmegaConf.load(run_dir / ".hydra" / "config.yaml").trainer.get("monitor", "auto")
+    if cfg.trainer.monitor != picked_by:  # the best checkpoint and the early-stop count were kept by it
+        raise UserError(f"resume: trainer.monitor={cfg.trainer.monitor} would change how {run_dir} picks its best "
+                        f"checkpoint (by {picked_by} so far): resume without it, or start a new run")
+    last = run_dir / "checkpoints" / "last.pt"
+    state = rundir.load_checkpoint(last, POSITION) if last.exists() else None
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {"name": cfg.name, "seed": cfg.seed}
+    summary["run_dir"] = str(run_dir)  # where the run is now, if it was moved or copied
+    check_values(cfg)  # nothing in the run directory changes for a resume that cannot go on
+    pick_device(cfg.trainer.device)
+    if summary.get("status") == "completed" and state:
+        patience = cfg.trainer.early_stop_patience
+        if state["epoch"] >= cfg.trainer.epochs:
+            raise UserError(f"resume: {run_dir} already completed its {state['epoch']} epochs; raise trainer.epochs "
+                            "to train it further")
+        if patience and state["stale"] >= patience:
+            raise UserError(f"resume: {run_dir} stopped early after epoch {state['epoch']} ({state['stale']} epochs "
+                            "without a better validation metric); raise trainer.early_stop_patience (or set it to "
+                            "null) to train it further")
+    summary["resumed"] = summary.get("resumed", []) + [{"at": rundir.now(), "epoch": state["epoch"] if state else 0,
+                                                        "step": state["step"] if state else 0, "changes": changes}]
+    return cfg, state, summary
+
+
+def restore(state: dict, model: nn.Module, optim: Optim, source: Path) -> Position:
+    """Put model, optimizer, scheduler, grad scaler and every random generator back as `state` has them, the
+    learning rate where the schedule (as now configured) has it at the step reached; returns the position."""
+    rundir.load_weights(model, state["model"], source)
+    optim.opt.load_state_dict(state["optimizer"])
+    counters = {k: state["scheduler"][k] for k in ("last_epoch", "_step_count")}
+    optim.sched.load_state_dict(optim.sched.state_dict() | counters)  # the schedule's length follows trainer.epochs
+    with warnings.catch_warnings():  # torch's note that get_lr() is meant for inside step()
+        warnings.simplefilter("ignore")
+        rates = optim.sched.get_lr()  # this step's rate on the schedule as it is now, not as it was saved
+    for group, lr in zip(optim.opt.param_groups, rates):
+        group["lr"] = lr
+    if state["scaler"] and optim.scaler.is_enabled():
+        optim.scaler.load_state_dict(state["scaler"])
+    rundir.set_rng_state(state["rng"])
+    return Position(**{f.name: state[f.name] for f in fields(Position)})
+
+
+def checkpoint(parts: Parts, optim: Optim, position: Position, config: dict, world: distributed.World) -> dict:
+    """Everything to carry on exactly from `position` (the model's own weights, as one process has them: every
+    rank holds the same), the number of processes that trained it, and the run's config."""
+    return {"model": parts.model.state_dict(), "optimizer": optim.opt.state_dict(),
+            "scheduler": optim.sched.state_dict(), "scaler": optim.scaler.state_dict(), "rng": rundir.rng_state(),
+            **asdict(position), "world_size": world.size, "config": config}
