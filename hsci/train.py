@@ -44,6 +44,8 @@ def main(cfg: DictConfig, changes: list[str] = ()) -> float | None:
     Returns the best value of the monitored validation metric (what sweepers that optimise read), or None."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN and hydra_cfg.job.num:  # a later job of a process that runs several
+        hsci.STARTED = time.time()  # startup_s counts from the job's start
     # A sweep job that finds its own run in its folder was requeued (a preempted cluster job): it carries on.
     resumed = bool(cfg.resume) or (hydra_cfg.mode == RunMode.MULTIRUN and requeued(run_dir))
     if resumed:
