@@ -84,11 +84,10 @@ class World:
         if self.size == 1:
             return error
         try:
-            store = dist.distributed_c10d._get_default_store()
-            if store.add("hsci/failures", 1) == 1:
-                store.set("hsci/first_failure", mine)
+            if _store().add(_key("failures"), 1) == 1:
+                _store().set(_key("first_failure"), mine)
                 return mine
-            return store.get("hsci/first_failure").decode()
+            return _store().get(_key("first_failure")).decode()
         except Exception:  # the store went with the rank that hosted it: this rank's own error, then
             return mine
 
@@ -138,7 +137,7 @@ def devices(choice: int | str, device: str) -> int:
 
 def join(device: str, timeout_s: float) -> World:
     """Join the job this process was started in as a rank (RANK, WORLD_SIZE, MASTER_ADDR... set by the elastic
-    launcher or torchrun): NCCL on CUDA, gloo on the CPU; each rank on GPU <local rank>."""
+    launcher, torchrun or a cluster): NCCL on CUDA, gloo on the CPU; each rank on GPU <local rank>."""
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
@@ -148,21 +147,45 @@ def join(device: str, timeout_s: float) -> World:
         torch.cuda.set_device(local_rank)
     else:  # the processes share the machine's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(backend, store=dist.PrefixStore(_key("group"), _store()), rank=rank, world_size=size,
+                            timeout=timedelta(seconds=timeout_s))
     control = dist.new_group(backend="gloo") if backend != "gloo" else None
     return World(rank, size, local_rank, local_size, backend, control)
 
 
-def share_run_dir(world: World, run_dir: Path | None) -> Path:
-    """Every rank's run directory: rank 0's, sent to the others (a folder every node must see)."""
-    sent = [str(run_dir) if world.main else None]
-    dist.broadcast_object_list(sent, 0)
-    return Path(sent[0])
+def announce(run_dir: Path) -> None:
+    """Rank 0 (of ranks started from outside, by torchrun): tell the others the run directory it made."""
+    _store().set(_key("run_dir"), str(run_dir))
+
+
+def run_dir_of_rank_0() -> Path:
+    """The run directory rank 0 made (waiting until it has): its saved config tells the others what to build."""
+    return Path(_store().get(_key("run_dir")).decode())
+
+
+_stores: list = []
+
+
+def _store() -> dist.Store:
+    """The key-value store the ranks meet through: the launcher's (torchrun and the elastic launcher keep one for
+    their ranks), else one that rank 0 keeps, at MASTER_ADDR:MASTER_PORT."""
+    if not _stores:
+        by_launcher = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        _stores.append(dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                     int(os.environ["WORLD_SIZE"]), is_master=not by_launcher and os.environ["RANK"] == "0",
+                                     timeout=timedelta(minutes=30), wait_for_workers=False))
+    return _stores[0]
+
+
+def _key(name: str) -> str:
+    """A key of this attempt of the job (torchrun may restart the ranks: each attempt meets anew)."""
+    return f"hsci/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/{name}"
 
 
 def leave() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+    _stores.clear()
 
 
 class RankFailed(UserError):

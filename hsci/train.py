@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -28,7 +29,7 @@ from hsci.build import build
 from hsci.evaluate import evaluate, make_metrics, monitor
 from hsci.loaders import Timed, start_epoch
 from hsci.owner import requeued
-from hsci.resume import POSITION, RESUMABLE, Position, checkpoint, reopen, restore
+from hsci.resume import POSITION, Position, checkpoint, reopen, restore
 from hsci.schema import check_keys
 from hsci.step import (DIVERGED_HINT, Diverged, Readings, optimizing, peak_memory_gb, reset_peak_memory, train_epoch,
                        warm_up)
@@ -110,9 +111,9 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, resume
     processes that the elastic launcher starts; returns the results for summary.json."""
     trainer = cfg.trainer
     if distributed.started_as_rank():  # torchrun's rank 0; the other ranks `follow`
+        distributed.announce(run_dir)
         world = distributed.join(trainer.device, trainer.dist_timeout_s)
         try:
-            distributed.share_run_dir(world, run_dir)
             return train(cfg, config, run_dir, state, world)
         except Diverged:  # on every rank at once
             raise
@@ -155,22 +156,15 @@ def as_rank(run_dir: str, resumed: bool, started: float) -> None:
     take_part(cfg, run_dir, resumed, world)
 
 
-def follow(args: list[str]) -> None:
-    """A rank other than 0 that torchrun (or a cluster) started with `hsci train args`: it joins the others,
-    learns the run directory from rank 0, which composed the config and made the directory, and takes part."""
-    from hsci.build import compose
-    from hsci.owner import find_run
-
-    resume = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
-    changes = [a for a in args if "=" in a and not a.startswith(("resume=", "hydra.", "-"))]
-    cfg = (rundir.load_config(find_run(resume, "resume"), changes, RESUMABLE, "resume") if resume
-           else compose([a for a in args if not a.startswith("-")]))  # to know the device, hence the backend
-    world = distributed.join(cfg.trainer.device, cfg.trainer.dist_timeout_s)
-    run_dir = distributed.share_run_dir(world, None)
+def follow(resumed: bool) -> None:
+    """A rank other than 0 that torchrun (or a cluster) started with `hsci train ...`: rank 0 composes the config
+    and makes the run directory; this rank waits for it, loads the config rank 0 saved there, and takes part."""
+    run_dir = distributed.run_dir_of_rank_0()
     if not (run_dir / ".hydra" / "config.yaml").is_file():
-        raise UserError(f"rank {world.rank} cannot see rank 0's run directory {run_dir}: put it on a filesystem every "
-                        "node shares (hydra.run.dir=/shared/...)")
-    take_part(rundir.load_config(run_dir, [], (), "train"), run_dir, bool(resume), world)
+        raise UserError(f"rank {os.environ['RANK']} cannot see rank 0's run directory {run_dir}: put it on a "
+                        "filesystem every node shares (hydra.run.dir=/shared/...)")
+    cfg = rundir.load_config(run_dir, [], (), "train")
+    take_part(cfg, run_dir, resumed, distributed.join(cfg.trainer.device, cfg.trainer.dist_timeout_s))
 
 
 def take_part(cfg: DictConfig, run_dir: Path, resumed: bool, world: distributed.World) -> None:

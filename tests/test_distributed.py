@@ -167,7 +167,6 @@ def test_what_several_processes_cannot_do_is_one_line_before_any_run_directory(t
     assert not (tmp_path / "outputs").exists()
 
 
-@pytest.mark.slow
 def test_torchrun_from_outside_trains_what_one_process_does(one_process, tmp_path):
     env = {**os.environ, "HYDRA_FULL_ERROR": ""}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
