@@ -82,6 +82,7 @@ def build(cfg: DictConfig, data: Data | None = None, world: World = SINGLE) -> P
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if t.compile:
+        torch._dynamo.reset()  # an earlier job of this process (a sweep's) leaves its compiled graphs behind
         model.compile(mode="max-autotune" if t.compile == "max-autotune" else None)
     pretrained = getattr(model, "pretrained_input", {})  # the resize and normalisation the weights expect
     if pretrained:

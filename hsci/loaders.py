@@ -1,6 +1,7 @@
 """Feeding a `Data` bundle to the device: DataLoaders, and the on-device step from a batch to model input."""
 
 import atexit
+import gc
 import multiprocessing
 import os
 import signal
@@ -116,6 +117,8 @@ def pick_loader(choice: str, data, device: torch.device) -> str:
     if device.type != "cuda" or not in_memory:
         return "torch"
     size = sum(t.nbytes for split in (data.train, data.val, data.test) for t in (split.x, split.y))
+    gc.collect()  # what an earlier job of this process left (a sweep's) is not counted against this one
+    torch.cuda.empty_cache()
     return "gpu" if size < torch.cuda.mem_get_info(device)[0] / 4 else "torch"
 
 
