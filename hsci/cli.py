@@ -118,13 +118,7 @@ def train(args: list[str]) -> int:
         args = [a for a in args if a not in changes and not a.startswith("resume=")]
         args += [f"resume={quote(str(run))}", f"hydra.run.dir={quote(str(run))}", "hydra.output_subdir=null"]
     held = _HeldStderr(sys.stderr)
-
-    def task(cfg) -> float | None:
-        held.release()  # the config composed: from here on errors are the run's own
-        from hsci import train as training  # imports torch: kept out of `hsci --help`
-
-        return training.main(cfg, changes)  # the monitored value, for sweepers that optimise
-
+    task = _Task(changes, held)
     sys.argv = ["hsci train", *args]  # Hydra reads its arguments from sys.argv
     sys.stderr = held
     try:
@@ -136,7 +130,11 @@ def train(args: list[str]) -> int:
         held.holding = False
         return fail(e.message, e.code)
     except SystemExit as e:
-        if held.holding and e.code:  # Hydra refused the config: one line instead of its report
+        from hydra.core.hydra_config import HydraConfig
+
+        # Hydra refused the config: one line instead of its report. (Once composed, the config is Hydra's: a
+        # sweep whose jobs all ran in other processes ends here with stderr still held, and its own exit code.)
+        if held.holding and e.code and not HydraConfig.initialized():
             report = held.text()
             held.holding = False
             return fail(one_line(report) + " (hsci --help lists the options; hsci train --cfg job the keys)", 2)
@@ -170,6 +168,26 @@ def _follow(args: list[str]) -> int:
 
     training.follow(resumed=any(a.startswith("resume=") for a in args))
     return 0
+
+
+class _Task:
+    """Hydra's task function: one training job. Launchers that run jobs in other processes (joblib, submitit)
+    pickle it; it goes without the held stderr, which stays with the process that holds it."""
+
+    def __init__(self, changes: list[str], held: "_HeldStderr | None"):
+        self.changes, self.held = changes, held
+
+    def __call__(self, cfg) -> float | None:
+        if self.held:
+            self.held.release()  # the config composed: from here on errors are the run's own
+        # A job a launcher runs in another process writes to the same console, at best effort too.
+        sys.stdout, sys.stderr = _BestEffort.around(sys.stdout), _BestEffort.around(sys.stderr)
+        from hsci import train as training  # imports torch: kept out of `hsci --help`
+
+        return training.main(cfg, self.changes)  # the monitored value, for sweepers that optimise
+
+    def __getstate__(self) -> dict:
+        return {"changes": self.changes, "held": None}
 
 
 class _BestEffort:

@@ -215,7 +215,8 @@ def launch(nproc: int, worker: Callable, *args) -> None:
     launching = threading.Event()
     try:
         for s in interrupt.STOPS:
-            signal.signal(s, _stop_ranks)
+            if not (s == signal.SIGTERM and interrupt.preemption()):  # in a submitit job, SIGTERM stays submitit's
+                signal.signal(s, _stop_ranks)
         threading.Thread(target=_pass_on, args=(launching,), daemon=True).start()
         elastic_launch(config, worker)(*args)
     except ChildFailedError as e:

@@ -2,6 +2,7 @@
 or SIGHUP (a closed terminal, a dropped SSH session) asks the training loop to stop after the current step
 and save; a second one acts at once. The process then exits with 128 + the signal's number."""
 
+import os
 import signal
 import sys
 from contextlib import contextmanager
@@ -9,6 +10,14 @@ from typing import Iterator
 
 STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 received: list[int] = []  # signals received in this process; a sweep's later jobs see them too
+
+
+def preemption() -> signal.Signals | None:
+    """The signal a cluster job that submitit runs gets before it is preempted or runs out of time (SIGUSR2
+    unless submitit was told otherwise), or None outside submitit."""
+    if "SUBMITIT_EXECUTOR" not in os.environ:  # set by submitit in every job it runs
+        return None
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
 
 
 def requested() -> int | None:
@@ -28,7 +37,7 @@ def at_once(signum: int, frame) -> None:
 
 
 @contextmanager
-def caught(again_at_once: bool = True) -> Iterator[None]:
+def caught(again_at_once: bool = True, stops: tuple[int, ...] = STOPS) -> Iterator[None]:
     """While inside, the first stop signal is recorded instead of ending the process. A second one acts at once,
     unless `again_at_once` is false: a rank of a run on several devices hears a Ctrl-C from the terminal and
     again from its launcher, and leaves quitting at once to the launcher (which kills it past its timeout)."""
@@ -44,7 +53,7 @@ def caught(again_at_once: bool = True) -> Iterator[None]:
         sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step and saving"
                          + (" (Ctrl-C again to quit at once)\n" if again_at_once else "\n"))
 
-    previous = {s: signal.getsignal(s) for s in STOPS}
+    previous = {s: signal.getsignal(s) for s in stops}
     if not received:
         for s in previous:
             signal.signal(s, handler)

@@ -108,8 +108,33 @@ def _refuse_links(folder: Path, verb: str) -> None:
 
 def requeued(folder: Path) -> bool:
     """Whether this sweep job runs again in the folder where it ran before (a cluster job requeued after
-    preemption or a time limit), and so should carry on from its last checkpoint."""
-    return False  # the submitit launcher's requeue comes next
+    preemption or a time limit), and so should carry on from its last checkpoint: the folder is this very job's
+    (`same_job`) and holds its last.pt, saved after hsci saved the run's config. A job requeued before it saved
+    any starts afresh in its folder."""
+    return same_job(folder) and (folder / "checkpoints" / "last.pt").is_file()
+
+
+def same_job(folder: Path) -> bool:
+    """Whether this submitit job made `folder` before it was requeued: Hydra's record of the job that made it
+    (.hydra/hydra.yaml) names this job's id and overrides. Submitit requeues a job under its own id (SLURM's
+    job id, or the local executor's controller) and runs the same call again, which composes the same folder;
+    no other job of the sweep has that id, and outside submitit no job is requeued."""
+    if "SUBMITIT_EXECUTOR" not in os.environ:  # set by submitit in every job it runs
+        return False
+    try:
+        made_by = OmegaConf.load(folder / ".hydra" / "hydra.yaml").hydra
+        this = HydraConfig.get()
+        return (made_by.job.id == this.job.id and OmegaConf.to_container(made_by.overrides.task)
+                == OmegaConf.to_container(this.overrides.task))
+    except Exception:  # no record, or not one of Hydra's
+        return False
+
+
+def job_record(folder: str) -> str | None:
+    """Resolver of a sweep job's `hydra.output_subdir` (set by `Guard`): `.hydra`, where Hydra records the job
+    before it starts, except for a requeued job, whose record is there already and stays as hsci saved it (the
+    run's config, resolved and signed: Hydra's would be neither)."""
+    return None if requeued(Path(folder)) else ".hydra"
 
 
 def holds_record(folder: Path) -> bool:
@@ -176,9 +201,12 @@ class Guard(Callback):
         # Each job's folder is checked by `job_dir` before Hydra writes there; the expression is quoted for
         # OmegaConf in double quotes, and the override for Hydra in single ones.
         guarded = "${hsci_job_dir:" + quote(subdir, '"') + "}"
+        overrides = [f"hydra.sweep.dir={quote(str(sweep_dir))}", f"hydra.sweep.subdir={quote(guarded)}"]
+        if config.hydra.output_subdir == ".hydra":  # left alone for a requeued job: see `job_record`
+            OmegaConf.register_new_resolver("hsci_job_record", job_record, replace=True)  # travels to every job
+            overrides.append("hydra.output_subdir='${hsci_job_record:${hydra.runtime.output_dir}}'")
         with read_write(config.hydra.overrides):  # each job's config is composed anew from these overrides
-            config.hydra.overrides.hydra += [f"hydra.sweep.dir={quote(str(sweep_dir))}",
-                                             f"hydra.sweep.subdir={quote(guarded)}"]
+            config.hydra.overrides.hydra += overrides
 
     @_strict
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
@@ -199,14 +227,15 @@ def _own(folder: Path, verb: str) -> None:
 
 def job_dir(subdir: str) -> str:
     """Resolver of a sweep job's folder (`hydra.sweep.subdir`, wrapped by `Guard`), before Hydra writes there:
-    a new folder inside the sweep's, never one that holds a run, another job's or one outside the sweep."""
+    a new folder inside the sweep's, never one that holds a run, another job's or one outside the sweep; a
+    requeued job gets its own folder back (`same_job`)."""
     sweep_dir = Path(HydraConfig.get().sweep.dir).resolve()
     folder = (sweep_dir / str(subdir)).resolve()
     if sweep_dir not in folder.parents:
         raise Refused(f"hydra.sweep.subdir={subdir} leads out of the sweep's folder {sweep_dir}: give each job a "
                       "folder of its own inside it (the default is the job's number)", 2)
     who = owner(folder)
-    if who or holds_record(folder):
+    if who or holds_record(folder) and not same_job(folder):
         raise Refused(f"hydra.sweep.subdir={subdir}: {folder} already holds "
                       f"{'a run in use by ' + who if who else 'a run'}: give each job a folder of its own (the "
                       "default is the job's number)", 2)

@@ -1,40 +1,108 @@
-"""The summary of a sweep (`hsci train -m ...`): every job's outcome, best first, when the sweep ends."""
+"""A sweep (`hsci train -m ...`): each job runs as it would alone, whichever launcher runs it, and when the
+sweep ends every job's outcome is summarised, best first.
 
+Hydra's launchers may run jobs in processes of their own: joblib in worker processes that it reuses from job
+to job, submitit in a job per process (on this machine or on a cluster's nodes), which it requeues when the
+cluster preempts it or its time runs out. A job in such a process gets, for as long as it runs, what a run
+alone has: hsci's stop handling (hsci/interrupt.py), and on the sweep's machine the CPU threads of a run
+alone. A job that submitit's preemption signal stopped saves its place like any stopped run, and is then
+handed back to submitit to requeue: it carries on from its last.pt in its own folder (hsci/owner.py).
+"""
+
+import atexit
 import csv
 import json
+import os
+import signal
+import socket
 import sys
+import threading
+import time
+from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+import hsci
 from hsci import interrupt, report
+
+# The job that runs in this process: what it changed (undone when it ends), and, once submitit's preemption
+# signal stopped it, submitit's own handler, which requeues it.
+_undo = ExitStack()
+_requeue: Callable[[], None] | None = None
+_jobs_run = 0  # jobs this process started
 
 
 class SweepSummary(Callback):
-    """Hydra callback: reads each job's summary.json, prints a table, writes sweep_summary.{csv,json}.
+    """Hydra callback: each job runs as it would alone (see above); when the sweep ends, reads each job's
+    summary.json, prints a table, writes sweep_summary.{csv,json}.
 
     The command exits non-zero when any job did not complete: 128 + the signal's number after a stop signal.
     """
 
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        rows = sorted((job_row(d) for d in sweep_dir.iterdir() if (d / ".hydra").is_dir()), key=rank)
-        if not rows:
-            return
-        from hsci import rundir  # imports torch: kept out of start-up, where Hydra makes this callback
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        import torch  # imported already: the sweep's keys were checked by importing its builders
 
-        rundir.write_json(sweep_dir / "sweep_summary.json", {"jobs": rows})
-        columns = list(dict.fromkeys(k for row in rows for k in row))
-        with open(sweep_dir / "sweep_summary.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        report.sweep_table(rows, str(sweep_dir / "sweep_summary.csv"))
+        # Where the sweep runs. A launcher that runs a job in another process sends this callback along with
+        # it, and the job compares itself with these.
+        self.pid, self.host, self.threads = os.getpid(), socket.gethostname(), torch.get_num_threads()
+        # Hydra skips on_multirun_end when a launcher or sweeper fails (submitit: a job cancelled or killed, which
+        # left no result; Optuna: no trial completed): the summary is written at exit then.
+        atexit.register(summarise, Path(config.hydra.sweep.dir))
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _jobs_run
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        import torch
+
+        _jobs_run += 1
+        if _jobs_run > 1:  # a process that ran a job before: this one's start-up counts from here
+            hsci.STARTED = time.time()
+        if socket.gethostname() == self.host and torch.get_num_threads() != self.threads:
+            # joblib starts its workers with a share of the cores (OMP_NUM_THREADS): sums over another number of
+            # threads add up in another order, and the job would end with other weights than it would alone.
+            _undo.callback(torch.set_num_threads, torch.get_num_threads())
+            torch.set_num_threads(self.threads)
+        if os.getpid() != self.pid and threading.current_thread() is threading.main_thread():
+            _stop_handling()  # the sweep's own process has had it since it started
+
+    def on_job_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global _requeue
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        _undo.close()
+        requeue, _requeue = _requeue, None
+        if requeue and _status(Path(config.hydra.runtime.output_dir)) == "interrupted":
+            requeue()  # submitit saves the job's call to run again, requeues it and ends this process
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        atexit.unregister(summarise)
+        rows = summarise(Path(config.hydra.sweep.dir))
         if any(row["status"] != "completed" for row in rows):
             report.error(f"{sum(row['status'] != 'completed' for row in rows)} of {len(rows)} jobs did not complete")
             sys.exit(interrupt.exit_code() if interrupt.requested() else 1)
+
+
+def summarise(sweep_dir: Path) -> list[dict]:
+    """Every job of the sweep as a row, best first: printed, and written to sweep_summary.{csv,json}."""
+    rows = sorted((job_row(d) for d in sweep_dir.iterdir() if (d / ".hydra").is_dir()), key=rank)
+    if not rows:
+        return rows
+    from hsci import rundir  # imports torch: kept out of start-up, where Hydra makes this callback
+
+    rundir.write_json(sweep_dir / "sweep_summary.json", {"jobs": rows})
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(sweep_dir / "sweep_summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    report.sweep_table(rows, str(sweep_dir / "sweep_summary.csv"))
+    return rows
 
 
 def job_row(job_dir: Path) -> dict:
@@ -58,3 +126,38 @@ def rank(row: dict) -> tuple:
     if row["status"] != "completed" or best is None:
         return (1, 0.0, int(row["job"]) if row["job"].isdigit() else 0)
     return (0, -best if row["mode"] == "max" else best, 0)
+
+
+def _stop_handling() -> None:
+    """hsci's stop signals (hsci/interrupt.py) for the job that runs in this process, a launcher's: the job stops
+    after a step, saves its place and is recorded as interrupted. In a submitit job SIGTERM stays submitit's
+    (ignored: SLURM sends it to a job it preempts, before the preemption signal, and to one it requeues), and
+    the preemption signal (SIGUSR2, or $SUBMITIT_PREEMPT_SIGNAL) stops the job in the same way; then, if its
+    run did not complete, `on_job_end` lets submitit's own handler requeue it."""
+    term = signal.getsignal(signal.SIGTERM)
+    _undo.enter_context(interrupt.caught())
+    preempt = interrupt.preemption()
+    if preempt is None:
+        return
+    signal.signal(signal.SIGTERM, term)
+    submitit_handler = signal.getsignal(preempt)
+    if not callable(submitit_handler):
+        return
+
+    def preempted(signum: int, frame) -> None:
+        global _requeue
+        if not interrupt.received:
+            sys.stderr.write(f"\n{signal.Signals(signum).name}: preempted or out of time: stopping after this step "
+                             "and saving; submitit requeues the job and it carries on from there\n")
+        interrupt.received.append(signum)
+        _requeue = partial(submitit_handler, signum, None)
+
+    signal.signal(preempt, preempted)
+    _undo.callback(signal.signal, preempt, submitit_handler)
+
+
+def _status(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "summary.json").read_text())["status"]
+    except (OSError, ValueError, KeyError):
+        return None

@@ -45,10 +45,13 @@ def main(cfg: DictConfig, changes: list[str] = ()) -> float | None:
     Returns the best value of the monitored validation metric (what sweepers that optimise read), or None."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    if hydra_cfg.mode == RunMode.MULTIRUN and hydra_cfg.job.num:  # a later job of a process that runs several
-        hsci.STARTED = time.time()  # startup_s counts from the job's start
-    # A sweep job that finds its own run in its folder was requeued (a preempted cluster job): it carries on.
+    # A sweep job that finds its own run in its folder was requeued (a preempted cluster job): it carries on,
+    # unless it had completed (requeued by the cluster after that), and then its result stands.
     resumed = bool(cfg.resume) or (hydra_cfg.mode == RunMode.MULTIRUN and requeued(run_dir))
+    if resumed and not cfg.resume:
+        done = json.loads((run_dir / "summary.json").read_text())
+        if done.get("status") == "completed":
+            return done["best_val"][done["monitor"]]
     if resumed:
         try:
             cfg, state, summary = reopen(run_dir, changes)
@@ -174,7 +177,11 @@ def take_part(cfg: DictConfig, run_dir: Path, resumed: bool, world: distributed.
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     last = run_dir / "checkpoints" / "last.pt"
     state = rundir.load_checkpoint(last, POSITION) if resumed and last.exists() else None
-    with interrupt.caught(again_at_once=False):
+    stops, preempt = interrupt.STOPS, interrupt.preemption()
+    if preempt:  # a rank of a submitit job: submitit's preemption signal stops it, SIGTERM it ignores (as submitit)
+        stops = (signal.SIGINT, signal.SIGHUP, preempt)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with interrupt.caught(again_at_once=False, stops=stops):
         try:
             results = train(cfg, config, run_dir, state, world)
         except Diverged as e:  # every rank sees the same loss: all stop at the same step
