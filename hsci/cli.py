@@ -166,7 +166,7 @@ def _refused_as_rank(args: list[str]) -> str | None:
 def _follow(args: list[str]) -> int:
     from hsci import train as training  # imports torch
 
-    training.follow(resumed=any(a.startswith("resume=") for a in args))
+    training.follow()
     return 0
 
 

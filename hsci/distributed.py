@@ -9,6 +9,7 @@ reduces: when to stop, the losses, and which run directory they share.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -153,14 +154,32 @@ def join(device: str, timeout_s: float) -> World:
     return World(rank, size, local_rank, local_size, backend, control)
 
 
-def announce(run_dir: Path) -> None:
-    """Rank 0 (of ranks started from outside, by torchrun): tell the others the run directory it made."""
-    _store().set(_key("run_dir"), str(run_dir))
+def cluster_tasks() -> bool:
+    """Whether this job runs as several tasks of a cluster job that submitit started (nodes, or tasks per node):
+    then each task is a rank, and submitit's own account of them is exported as torch.distributed reads it
+    (RANK, WORLD_SIZE, MASTER_ADDR ...), each task keeping every GPU of its node in sight."""
+    if "SUBMITIT_EXECUTOR" not in os.environ:
+        return False
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks == 1:
+        return False
+    if not started_as_rank():
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return True
 
 
-def run_dir_of_rank_0() -> Path:
-    """The run directory rank 0 made (waiting until it has): its saved config tells the others what to build."""
-    return Path(_store().get(_key("run_dir")).decode())
+def announce(run_dir: Path, resumed: bool) -> None:
+    """Rank 0 (of ranks started from outside: torchrun, a cluster): tell the others the run directory it made
+    and whether the run carries on from its last.pt."""
+    _store().set(_key("run_dir"), json.dumps({"run_dir": str(run_dir), "resumed": resumed}))
+
+
+def run_of_rank_0() -> tuple[Path, bool]:
+    """The run directory rank 0 made, and whether it resumes (waiting until rank 0 says): its saved config tells
+    the other ranks what to build."""
+    said = json.loads(_store().get(_key("run_dir")).decode())
+    return Path(said["run_dir"]), said["resumed"]
 
 
 _stores: list = []
@@ -274,7 +293,9 @@ def rank_logging(world: World, log_file: Path) -> None:
     handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.INFO if world.main else logging.WARNING)
+    level = logging.INFO if world.main else logging.WARNING
+    root.setLevel(level)
+    handler.setLevel(level)  # what other loggers pass up, too (submitit's, at INFO)
     if not world.main:
         logging.captureWarnings(True)
         from hsci import report

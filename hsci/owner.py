@@ -133,8 +133,19 @@ def same_job(folder: Path) -> bool:
 def job_record(folder: str) -> str | None:
     """Resolver of a sweep job's `hydra.output_subdir` (set by `Guard`): `.hydra`, where Hydra records the job
     before it starts, except for a requeued job, whose record is there already and stays as hsci saved it (the
-    run's config, resolved and signed: Hydra's would be neither)."""
-    return None if requeued(Path(folder)) else ".hydra"
+    run's config, resolved and signed: Hydra's would be neither), and for the tasks of a job other than its
+    rank 0, which records it."""
+    return None if task_rank() or requeued(Path(folder)) else ".hydra"
+
+
+def task_rank() -> int:
+    """This process's rank among the tasks of a cluster job that submitit runs as several tasks (nodes, or
+    tasks_per_node), else 0: rank 0 owns the job's folder, and the other tasks train in it as its ranks."""
+    if "SUBMITIT_EXECUTOR" not in os.environ:
+        return 0
+    import submitit
+
+    return submitit.JobEnvironment().global_rank
 
 
 def holds_record(folder: Path) -> bool:
@@ -210,7 +221,8 @@ class Guard(Callback):
 
     @_strict
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
-        _own(Path(config.hydra.runtime.output_dir), "train")
+        if not task_rank():  # the other tasks of a job on several are its rank 0's
+            _own(Path(config.hydra.runtime.output_dir), "train")
 
     @_strict
     def on_job_end(self, config: DictConfig, **kwargs) -> None:
@@ -229,6 +241,8 @@ def job_dir(subdir: str) -> str:
     """Resolver of a sweep job's folder (`hydra.sweep.subdir`, wrapped by `Guard`), before Hydra writes there:
     a new folder inside the sweep's, never one that holds a run, another job's or one outside the sweep; a
     requeued job gets its own folder back (`same_job`)."""
+    if task_rank():  # a task of a job on several: rank 0's folder, which rank 0 checks
+        return str(subdir)
     sweep_dir = Path(HydraConfig.get().sweep.dir).resolve()
     folder = (sweep_dir / str(subdir)).resolve()
     if sweep_dir not in folder.parents:

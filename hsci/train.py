@@ -45,6 +45,8 @@ def main(cfg: DictConfig, changes: list[str] = ()) -> float | None:
     Returns the best value of the monitored validation metric (what sweepers that optimise read), or None."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN and distributed.cluster_tasks() and int(os.environ["RANK"]):
+        return follow()  # a task of a cluster job on several: rank 0 runs the job, this task is one of its ranks
     # A sweep job that finds its own run in its folder was requeued (a preempted cluster job): it carries on,
     # unless it had completed (requeued by the cluster after that), and then its result stands.
     resumed = bool(cfg.resume) or (hydra_cfg.mode == RunMode.MULTIRUN and requeued(run_dir))
@@ -114,7 +116,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, resume
     processes that the elastic launcher starts; returns the results for summary.json."""
     trainer = cfg.trainer
     if distributed.started_as_rank():  # torchrun's rank 0; the other ranks `follow`
-        distributed.announce(run_dir)
+        distributed.announce(run_dir, resumed)
         world = distributed.join(trainer.device, trainer.dist_timeout_s)
         try:
             return train(cfg, config, run_dir, state, world)
@@ -159,10 +161,10 @@ def as_rank(run_dir: str, resumed: bool, started: float) -> None:
     take_part(cfg, run_dir, resumed, world)
 
 
-def follow(resumed: bool) -> None:
-    """A rank other than 0 that torchrun (or a cluster) started with `hsci train ...`: rank 0 composes the config
+def follow() -> None:
+    """A rank other than 0 that torchrun or a cluster started with `hsci train ...`: rank 0 composes the config
     and makes the run directory; this rank waits for it, loads the config rank 0 saved there, and takes part."""
-    run_dir = distributed.run_dir_of_rank_0()
+    run_dir, resumed = distributed.run_of_rank_0()
     if not (run_dir / ".hydra" / "config.yaml").is_file():
         raise UserError(f"rank {os.environ['RANK']} cannot see rank 0's run directory {run_dir}: put it on a "
                         "filesystem every node shares (hydra.run.dir=/shared/...)")

@@ -102,6 +102,22 @@ def test_a_submitit_local_sweep_completes_with_its_summary(alone, tmp_path):
         assert_same_run(sweep / job, alone[seed])
 
 
+def test_a_submitit_job_of_two_tasks_trains_as_two_ranks_what_one_process_does(tmp_path):
+    # What a job on several nodes (or tasks per node) of a cluster gets: one Hydra job per task; rank 0 owns the
+    # folder and runs the job, the other task joins it as rank 1 through the rank environment submitit exports.
+    plain = ["trainer.device=cpu", "trainer.epochs=2", "model.dropout=0", "model.conv_dropout=0"]
+    alone = hsci("train", *plain, "hydra.run.dir=alone", cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr
+    result = hsci("train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", *plain,
+                  "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    job, single = summary_of(tmp_path / "sweep" / "0"), summary_of(tmp_path / "alone")
+    assert (job["status"], job["world_size"], job["backend"]) == ("completed", 2, "gloo")
+    assert job["test"] == pytest.approx(single["test"], abs=1e-5)
+    assert json.loads((tmp_path / "sweep" / "sweep_summary.json").read_text())["jobs"][0]["status"] == "completed"
+    assert "[rank 1]" not in (tmp_path / "sweep" / "0" / "train.log").read_text()
+
+
 @pytest.mark.slow
 def test_a_preempted_submitit_job_is_requeued_and_ends_as_if_never_stopped(tmp_path):
     # Two identical jobs; job 0 gets submitit's preemption signal, as SLURM sends it (here from the test), while it
