@@ -1,10 +1,13 @@
 """hsci: config-driven deep-learning experiments.
 
 This module holds what every layer may use without importing torch or Hydra: where the shipped configs
-are, and the errors hsci reports to the user in one line.
+are, the errors hsci reports to the user in one line, and a console that never fails a run.
 """
 
+import io
+import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -72,3 +75,60 @@ def quote(value: str, mark: str = "'") -> str:
     stands as it is."""
     escaped = re.sub(rf"(\\*)({mark}|\Z)", lambda m: m[1] * 2 + ("\\" + mark if m[2] else ""), value)
     return mark + escaped + mark
+
+
+class BestEffort:
+    """The console as a best-effort stream: a pipe that closes (`hsci train | head`) or a terminal that goes
+    away never fails the run, whose record is its directory. Characters the console cannot encode are
+    escaped; after the first failed write, output goes to /dev/null."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+    @classmethod
+    def around(cls, stream):
+        return stream if isinstance(stream, cls) or stream is None else cls(stream)
+
+    def write(self, s: str) -> int:
+        try:
+            self.stream.write(s)
+        except (OSError, ValueError):  # EPIPE, EIO from a hung-up terminal; ValueError: the stream was closed
+            self._drop()
+        return len(s)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            self._drop()
+
+    def _drop(self) -> None:
+        """From now on write to /dev/null, through the same file descriptor, so that the interpreter's own
+        flush at exit does not fail either."""
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass
+        self.stream = open(os.devnull, "w")
+
+    def isatty(self) -> bool:
+        try:
+            return self.stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def __getattr__(self, name: str):  # fileno, encoding, errors, buffer ...: the stream's own
+        return getattr(self.stream, name)
+
+
+def best_effort() -> None:
+    """Make this process's console (stdout and stderr) best effort: `BestEffort`."""
+    sys.stdout, sys.stderr = BestEffort.around(sys.stdout), BestEffort.around(sys.stderr)

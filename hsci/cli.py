@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from hsci import Refused, config_dir, flat, interrupt, one_line, quote
+from hsci import Refused, best_effort, config_dir, flat, interrupt, one_line, quote
 
 VERBS = {
     "train": "train, validate every epoch, test the best checkpoint: hsci train [key=value ...]; "
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored (nohup, &)
         signal.signal(signal.SIGINT, interrupt.at_once)
-    sys.stdout, sys.stderr = _BestEffort.around(sys.stdout), _BestEffort.around(sys.stderr)
+    best_effort()
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
@@ -181,65 +181,13 @@ class _Task:
         if self.held:
             self.held.release()  # the config composed: from here on errors are the run's own
         # A job a launcher runs in another process writes to the same console, at best effort too.
-        sys.stdout, sys.stderr = _BestEffort.around(sys.stdout), _BestEffort.around(sys.stderr)
+        best_effort()
         from hsci import train as training  # imports torch: kept out of `hsci --help`
 
         return training.main(cfg, self.changes)  # the monitored value, for sweepers that optimise
 
     def __getstate__(self) -> dict:
         return {"changes": self.changes, "held": None}
-
-
-class _BestEffort:
-    """The console as a best-effort stream: a pipe that closes (`hsci train | head`) or a terminal that goes
-    away never fails the run, whose record is its directory. Characters the console cannot encode are
-    escaped; after the first failed write, output goes to /dev/null."""
-
-    def __init__(self, stream):
-        self.stream = stream
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
-
-    @classmethod
-    def around(cls, stream):
-        return stream if isinstance(stream, cls) or stream is None else cls(stream)
-
-    def write(self, s: str) -> int:
-        try:
-            self.stream.write(s)
-        except (OSError, ValueError):  # EPIPE, EIO from a hung-up terminal; ValueError: the stream was closed
-            self._drop()
-        return len(s)
-
-    def writelines(self, lines) -> None:
-        for line in lines:
-            self.write(line)
-
-    def flush(self) -> None:
-        try:
-            self.stream.flush()
-        except (OSError, ValueError):
-            self._drop()
-
-    def _drop(self) -> None:
-        """From now on write to /dev/null, through the same file descriptor, so that the interpreter's own
-        flush at exit does not fail either."""
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self.stream.fileno())
-            os.close(devnull)
-        except (OSError, ValueError, io.UnsupportedOperation):
-            pass
-        self.stream = open(os.devnull, "w")
-
-    def isatty(self) -> bool:
-        try:
-            return self.stream.isatty()
-        except (OSError, ValueError):
-            return False
-
-    def __getattr__(self, name: str):  # fileno, encoding, errors, buffer ...: the stream's own
-        return getattr(self.stream, name)
 
 
 class _HeldStderr(io.TextIOBase):

@@ -156,6 +156,7 @@ def launched(run_dir: Path, devices: int, resumed: bool) -> dict:
 def as_rank(run_dir: str, resumed: bool, started: float) -> None:
     """One rank, started by the elastic launcher: the run in `run_dir` from its saved config."""
     hsci.STARTED, run_dir = started, Path(run_dir)  # startup_s counts from the launcher's start
+    hsci.best_effort()  # the launcher's console: a pipe that closes fails no rank
     cfg = rundir.load_config(run_dir, [], (), "train")
     world = distributed.join(cfg.trainer.device, cfg.trainer.dist_timeout_s)
     take_part(cfg, run_dir, resumed, world)
