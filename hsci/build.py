@@ -53,11 +53,6 @@ def build(cfg: DictConfig, data: Data | None = None, world: World = SINGLE) -> P
     device = pick_device(t.device)
     if device.type == "cuda" and world.backend:
         device = torch.device("cuda", world.local_rank)
-    batch = cfg.data.batch_size
-    if batch % world.size:
-        raise UserError(f"data.batch_size={batch} does not split evenly over {world.size} processes: it is the "
-                        f"global batch; use a multiple of {world.size}, e.g. data.batch_size="
-                        f"{batch // world.size * world.size or world.size}")
     # Set for every run, never only switched on: a process that runs several jobs (a joblib sweep) starts each anew.
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -68,13 +63,17 @@ def build(cfg: DictConfig, data: Data | None = None, world: World = SINGLE) -> P
     torch.use_deterministic_algorithms(t.deterministic, warn_only=True)
 
     loss_fn = instantiate(cfg.loss)
-    data = data or instantiate(cfg.data)
+    with world.rank_0_first("data"):  # one download, not one per process into the same folder
+        data = data or instantiate(cfg.data)
+    if world.size > 1 and len(data.train) <= data.batch_size:
+        raise UserError(f"the training split ({len(data.train)} samples) is no larger than data.batch_size="
+                        f"{data.batch_size}: {world.size} processes need full batches to take equal shares of; "
+                        "use a smaller data.batch_size, or trainer.devices=1")
     check_loss(loss_fn, data.task)
     model = instantiate(cfg.model, input_shape=data.input_shape, num_outputs=data.num_outputs).to(device)
     if t.sync_batchnorm and world.size > 1:  # batch statistics over the global batch, not each rank's share
         if device.type != "cuda":
-            raise UserError("trainer.sync_batchnorm=true needs CUDA devices (torch synchronises batch norm only "
-                            "there): set it to false on the CPU")
+            raise UserError(schema.SYNC_BATCHNORM_CUDA)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
     channels_last = convolutional and device.type == "cuda" if t.channels_last == "auto" else bool(t.channels_last)

@@ -124,7 +124,7 @@ def train(args: list[str]) -> int:
     try:
         # From the start: a signal while starting up is recorded, not lost. As torchrun's rank 0, a Ctrl-C comes
         # from the terminal and again from torchrun: quitting at once is left to torchrun.
-        with interrupt.caught(again_at_once="RANK" not in os.environ):
+        with interrupt.caught(again_at_once=not ("RANK" in os.environ and "WORLD_SIZE" in os.environ)):
             _hydra_app(task)()
     except Refused as e:  # refused before the run began (hsci/owner.py): its own one line
         held.holding = False
@@ -147,6 +147,10 @@ def train(args: list[str]) -> int:
     finally:
         sys.stderr = held.real
         held.release()
+        if os.environ.get("RANK") == "0" and "WORLD_SIZE" in os.environ:  # torchrun's rank 0, whatever ended it:
+            from hsci import distributed  # the other ranks wait for its word (hsci/train.py's `follow`)
+
+            distributed.announce(None)  # nothing, unless it announced its run
     return 0
 
 

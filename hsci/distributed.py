@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
-import signal
 import sys
-import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -38,6 +36,7 @@ class World:
     local_size: int = 1
     backend: str | None = None  # nccl or gloo; None for one process without torch.distributed
     control: Any = None  # a gloo group for the stop flag, which must never wait for a device
+    timeout_s: float = 300  # how long a rank waits for the others in an exchange (trainer.dist_timeout_s)
 
     @property
     def main(self) -> bool:
@@ -49,8 +48,8 @@ class World:
         return self.size // self.local_size
 
     def stop(self) -> int | None:
-        """The stop signal all ranks act on after this step: the first any of them received (one small exchange
-        between processes, on the CPU: the device is not waited for)."""
+        """The stop signal all ranks act on after this step, if any of them received one (the highest-numbered,
+        should they differ); one small exchange between processes, on the CPU: the device is not waited for."""
         signum = interrupt.requested()
         if self.backend is None or self.size == 1:
             return signum
@@ -92,6 +91,15 @@ class World:
         except Exception:  # the store went with the rank that hosted it: this rank's own error, then
             return mine
 
+    @contextmanager
+    def rank_0_first(self, what: str) -> Iterator[None]:
+        """Rank 0 does `what` before the others start it (a download into a folder they share)."""
+        if self.size > 1 and not self.main:
+            _store().wait([_key(what)], timedelta(hours=2))
+        yield
+        if self.size > 1 and self.main:
+            _store().set(_key(what), "done")
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier(group=self.control)
@@ -122,7 +130,7 @@ def started_as_rank() -> bool:
 def devices(choice: int | str, device: str) -> int:
     """How many processes `trainer.devices` asks for on this machine: `auto` is every visible GPU (one on the
     CPU); N GPUs must be visible."""
-    on_cuda = device.startswith("cuda") or device == "auto" and torch.cuda.is_available()
+    on_cuda = _on_cuda(device)
     count = torch.cuda.device_count() if on_cuda else 1
     n = count if choice == "auto" else int(choice)
     if n > 1 and device.startswith("cuda:"):
@@ -142,16 +150,20 @@ def join(device: str, timeout_s: float) -> World:
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
-    on_cuda = device.startswith("cuda") or device == "auto" and torch.cuda.is_available()
-    backend = "nccl" if on_cuda else "gloo"
-    if on_cuda:
+    backend = "nccl" if _on_cuda(device) else "gloo"
+    if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    else:  # the processes share the machine's cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+    elif "OMP_NUM_THREADS" not in os.environ:  # the processes share the cores this machine gives the job
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_size))
+    timeout = timedelta(seconds=timeout_s)
     dist.init_process_group(backend, store=dist.PrefixStore(_key("group"), _store()), rank=rank, world_size=size,
-                            timeout=timedelta(seconds=timeout_s))
-    control = dist.new_group(backend="gloo") if backend != "gloo" else None
-    return World(rank, size, local_rank, local_size, backend, control)
+                            timeout=timeout)
+    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    return World(rank, size, local_rank, local_size, backend, control, timeout_s)
+
+
+def _on_cuda(device: str) -> bool:
+    return device.startswith("cuda") or device == "auto" and torch.cuda.is_available()
 
 
 def cluster_tasks() -> bool:
@@ -169,17 +181,23 @@ def cluster_tasks() -> bool:
     return True
 
 
-def announce(run_dir: Path, resumed: bool) -> None:
+def announce(run_dir: Path | None, resumed: bool = False) -> None:
     """Rank 0 (of ranks started from outside: torchrun, a cluster): tell the others the run directory it made
-    and whether the run carries on from its last.pt."""
-    _store().set(_key("run_dir"), json.dumps({"run_dir": str(run_dir), "resumed": resumed}))
+    and whether the run carries on from its last.pt; or None, that there is no run for them (rank 0 refused it,
+    or stopped first, and says why). Said once: later calls change nothing."""
+    if not _announced:
+        _announced.append(run_dir)
+        _store().set(_key("run_dir"), json.dumps({"run_dir": run_dir and str(run_dir), "resumed": resumed}))
 
 
-def run_of_rank_0() -> tuple[Path, bool]:
+_announced: list = []
+
+
+def run_of_rank_0() -> tuple[Path | None, bool]:
     """The run directory rank 0 made, and whether it resumes (waiting until rank 0 says): its saved config tells
-    the other ranks what to build."""
+    the other ranks what to build. None: there is no run to take part in."""
     said = json.loads(_store().get(_key("run_dir")).decode())
-    return Path(said["run_dir"]), said["resumed"]
+    return said["run_dir"] and Path(said["run_dir"]), said["resumed"]
 
 
 _stores: list = []
@@ -209,80 +227,6 @@ def leave() -> None:
 
 class RankFailed(UserError):
     """The run's error as a rank found it (`World.blame`), in one line, on its way to the launcher or summary.json."""
-
-
-def launch(nproc: int, worker: Callable, *args) -> None:
-    """Run `worker(*args)` in `nproc` processes started by the elastic launcher on this machine (ranks 0..nproc-1
-    over localhost). A rank that fails stops the others, and this raises `Failed` naming the first.
-
-    Stop signals stay hsci's: the first is passed on to every rank, which all stop after the same step (rank 0
-    saves); a second one ends them at once (SIGKILL) and raises KeyboardInterrupt here."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    # The launcher leaves the stop signals to hsci (torch of 2.8 or so on takes `signals_to_handle`, older ones the
-    # variable it sets).
-    leave_stops = {"signals_to_handle": "SIGQUIT"} if "signals_to_handle" in LaunchConfig.__dataclass_fields__ else {}
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"hsci-{os.getpid()}",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
-                          start_method="spawn", **leave_stops)
-    for name in ("torch.distributed.elastic", "torch.multiprocessing"):  # the launcher's notes: to the run's log
-        launcher_log = logging.getLogger(name)
-        launcher_log.propagate, launcher_log.handlers = False, list(logging.getLogger().handlers)
-    handlers = {s: signal.getsignal(s) for s in interrupt.STOPS}
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGQUIT"
-    launching = threading.Event()
-    try:
-        for s in interrupt.STOPS:
-            if not (s == signal.SIGTERM and interrupt.preemption()):  # in a submitit job, SIGTERM stays submitit's
-                signal.signal(s, _stop_ranks)
-        threading.Thread(target=_pass_on, args=(launching,), daemon=True).start()
-        elastic_launch(config, worker)(*args)
-    except ChildFailedError as e:
-        rank, failure = min(e.failures.items(), key=lambda item: item[1].timestamp)
-        message = failure.message.get("message", "") if isinstance(failure.message, dict) else str(failure.message)
-        if failure.exitcode < 0:
-            raise Failed(f"rank {rank} was ended by {failure.signal_name()}", True) from None
-        if message.startswith(f"{RankFailed.__name__}: "):  # the run's error, as the ranks found it
-            raise Failed(message.removeprefix(f"{RankFailed.__name__}: "), False) from None
-        raise Failed(f"rank {rank} failed (exit code {failure.exitcode}): {message}", False) from None
-    finally:
-        launching.set()
-        os.environ.pop("TORCHELASTIC_SIGNALS_TO_HANDLE", None)
-        for s, h in handlers.items():
-            signal.signal(s, h)
-
-
-def _stop_ranks(signum: int, frame) -> None:
-    """The launcher's stop signals: the first is recorded (`_pass_on` passes it to the ranks); a second ends the
-    ranks at once."""
-    if not interrupt.requested():
-        interrupt.received.append(signum)
-        sys.stderr.write(f"\n{signal.Signals(signum).name}: every process stops after this step and rank 0 saves "
-                         "(Ctrl-C again to quit at once)\n")
-        return
-    for rank in multiprocessing.active_children():
-        rank.kill()
-    raise KeyboardInterrupt
-
-
-def _pass_on(done: threading.Event) -> None:
-    """Give the launcher's stop signal to each rank, those started after it came as well."""
-    told = set()
-    while not done.wait(0.05):
-        signum = interrupt.requested()
-        for rank in multiprocessing.active_children() if signum else ():
-            if rank.pid not in told:
-                told.add(rank.pid)
-                os.kill(rank.pid, signum)
-
-
-class Failed(Exception):
-    """The run's ranks ended with an error (the message), or a signal ended one of them (`by_signal`)."""
-
-    def __init__(self, message: str, by_signal: bool):
-        super().__init__(message)
-        self.by_signal = by_signal
 
 
 def rank_logging(world: World, log_file: Path) -> None:

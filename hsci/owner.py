@@ -268,6 +268,10 @@ def _check(config: DictConfig, swept: tuple[str, ...] = ()) -> None:
             from hsci.build import pick_device
 
             pick_device(task.trainer.device)
+        if task.trainer.devices != 1:  # and that many devices?
+            from hsci.distributed import devices
+
+            devices(task.trainer.devices, task.trainer.device)
         check_keys(config, config.hydra, swept)  # imports the builders, as the run does next
     except UserError as e:
         raise Refused(str(e), 2) from e

@@ -2,6 +2,7 @@
 that compose but cannot work, refused before a run directory is made (no torch needed to tell); and the keys
 that no builder takes (`check_keys`, which imports the builders)."""
 
+import os
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -136,18 +137,25 @@ def check_values(cfg: DictConfig, skip: tuple[str, ...] = ()) -> None:
         raise UserError(f"data.std={list(data.std)} is invalid: every value must be above 0")
 
 
+SYNC_BATCHNORM_CUDA = ("trainer.sync_batchnorm=true needs CUDA devices (torch synchronises batch norm only there): "
+                       "set it to false on the CPU")
+
+
 def _check_devices(cfg: DictConfig, skipped) -> None:
-    """Several processes split the global batch evenly; synchronised batch norm needs CUDA."""
+    """Several processes split the global batch evenly; synchronised batch norm needs CUDA. Started as a rank
+    (torchrun), the processes are torchrun's."""
     trainer = cfg.trainer
     if any(skipped(key) for key in ("trainer.devices", "data.batch_size", "trainer.device", "trainer.sync_batchnorm")):
         return
-    n, batch = trainer.devices, OmegaConf.select(cfg, "data.batch_size", default=None)
+    ranks = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    n = int(os.environ["WORLD_SIZE"]) if ranks else trainer.devices
+    named = f"the {n} processes torchrun started" if ranks else f"trainer.devices={n}"
+    batch = OmegaConf.select(cfg, "data.batch_size", default=None)
     if isinstance(n, int) and n > 1 and isinstance(batch, int) and batch % n:
-        raise UserError(f"data.batch_size={batch} does not split evenly over trainer.devices={n}: it is the global "
-                        f"batch; use a multiple of {n}, e.g. data.batch_size={batch // n * n or n}")
+        raise UserError(f"data.batch_size={batch} does not split evenly over {named}: it is the global batch; use a "
+                        f"multiple of {n}, e.g. data.batch_size={batch // n * n or n}")
     if trainer.sync_batchnorm and trainer.device == "cpu" and n != 1:
-        raise UserError("trainer.sync_batchnorm=true needs CUDA devices (torch synchronises batch norm only there): "
-                        "set it to false with trainer.device=cpu")
+        raise UserError(SYNC_BATCHNORM_CUDA)
 
 
 def _check_monitor(cfg: DictConfig, skipped) -> None:

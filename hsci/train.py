@@ -27,6 +27,7 @@ import hsci
 from hsci import UserError, distributed, flat, interrupt, report, rundir, user_error
 from hsci.build import build
 from hsci.evaluate import evaluate, make_metrics, monitor
+from hsci.launch import Failed, launch
 from hsci.loaders import Timed, start_epoch
 from hsci.owner import requeued
 from hsci.resume import POSITION, Position, checkpoint, reopen, restore
@@ -45,8 +46,19 @@ def main(cfg: DictConfig, changes: list[str] = ()) -> float | None:
     Returns the best value of the monitored validation metric (what sweepers that optimise read), or None."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    if hydra_cfg.mode == RunMode.MULTIRUN and distributed.cluster_tasks() and int(os.environ["RANK"]):
-        return follow()  # a task of a cluster job on several: rank 0 runs the job, this task is one of its ranks
+    # Started as a rank (torchrun), or a task of a cluster job on several: rank 0 runs the job, the others follow.
+    ranks = distributed.started_as_rank() or hydra_cfg.mode == RunMode.MULTIRUN and distributed.cluster_tasks()
+    if ranks and int(os.environ["RANK"]):
+        return follow()
+    try:
+        return record(cfg, changes, hydra_cfg, run_dir)
+    finally:
+        if ranks:  # a job that ends before its ranks meet (refused, stopped, done already): the others end too
+            distributed.announce(None)
+
+
+def record(cfg: DictConfig, changes: list[str], hydra_cfg, run_dir: Path) -> float | None:
+    """`main` for the process that owns the run: it runs the job and records its outcome."""
     # A sweep job that finds its own run in its folder was requeued (a preempted cluster job): it carries on,
     # unless it had completed (requeued by the cluster after that), and then its result stands.
     resumed = bool(cfg.resume) or (hydra_cfg.mode == RunMode.MULTIRUN and requeued(run_dir))
@@ -83,10 +95,7 @@ def main(cfg: DictConfig, changes: list[str] = ()) -> float | None:
     except KeyboardInterrupt:  # a second Ctrl-C: out at once, the last checkpoint stays
         summary |= {"status": "interrupted", "error": f"stopped at once; resume with hsci train resume={run_dir}"}
     except Exception as e:
-        cause = user_error(e)
-        error = str(cause) if cause else f"{type(e).__name__}: {flat(e)} (traceback in {run_dir / 'train.log'})"
-        report.log.exception(error)
-        summary |= {"status": "failed", "error": error}
+        summary |= {"status": "failed", "error": described(e, run_dir)}
     except BaseException as e:  # SystemExit from a library, or worse: recorded, then on its way
         summary |= {"status": "failed", "error": f"ended by {type(e).__name__}({e}) before it completed"}
         report.log.exception(summary["error"])
@@ -108,7 +117,7 @@ def finish(summary: dict, hydra_cfg) -> None:
         report.log.error(message)
     report.error(message)
     if hydra_cfg.mode == RunMode.RUN:
-        sys.exit(interrupt.exit_code() if interrupt.requested() else 1)
+        sys.exit(interrupt.exit_code() if interrupt.requested() and status != "failed" else 1)
 
 
 def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, resumed: bool) -> dict:
@@ -140,37 +149,46 @@ def launched(run_dir: Path, devices: int, resumed: bool) -> dict:
     report.say(f"starting {devices} processes (elastic launcher); rank 0 reports")
     failed = None
     try:
-        distributed.launch(devices, as_rank, str(run_dir), resumed, hsci.STARTED)
-    except distributed.Failed as e:  # unless a stop signal ended a rank before it could stop in step
+        launch(devices, as_rank, str(run_dir), resumed, hsci.STARTED, os.getpid())
+    except Failed as e:  # unless a stop signal ended a rank before it could stop in step
         failed = None if e.by_signal and interrupt.requested() else str(e)
     summary = json.loads((run_dir / "summary.json").read_text())
     if failed:
         report.log.error(failed)
         return summary | {"status": "failed", "error": failed}
+    said = summary["status"] == "interrupted" and summary["error"].split()[0]
+    if said in signal.Signals.__members__ and not interrupt.requested():  # a rank got the signal, not the launcher
+        interrupt.received.append(signal.Signals[said])
     if summary["status"] == "running":  # stopped before rank 0 could record it
         name = signal.Signals(interrupt.requested() or signal.SIGTERM).name
         return summary | {"status": "interrupted", "error": f"{name}; resume with: hsci train resume={run_dir}"}
     return summary
 
 
-def as_rank(run_dir: str, resumed: bool, started: float) -> None:
-    """One rank, started by the elastic launcher: the run in `run_dir` from its saved config."""
+def as_rank(run_dir: str, resumed: bool, started: float, launcher: int) -> None:
+    """One rank, started by the elastic launcher (process `launcher`): the run in `run_dir` from its saved config."""
     hsci.STARTED, run_dir = started, Path(run_dir)  # startup_s counts from the launcher's start
     hsci.best_effort()  # the launcher's console: a pipe that closes fails no rank
-    cfg = rundir.load_config(run_dir, [], (), "train")
-    world = distributed.join(cfg.trainer.device, cfg.trainer.dist_timeout_s)
-    take_part(cfg, run_dir, resumed, world)
+    with rank_stops():
+        cfg = rundir.load_config(run_dir, [], (), "train")
+        world = distributed.join(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+        take_part(cfg, run_dir, resumed, world)
+    if os.getppid() != launcher:  # the launcher was killed: none is left to take this rank's result and end it
+        os._exit(0)
 
 
 def follow() -> None:
     """A rank other than 0 that torchrun or a cluster started with `hsci train ...`: rank 0 composes the config
     and makes the run directory; this rank waits for it, loads the config rank 0 saved there, and takes part."""
-    run_dir, resumed = distributed.run_of_rank_0()
-    if not (run_dir / ".hydra" / "config.yaml").is_file():
-        raise UserError(f"rank {os.environ['RANK']} cannot see rank 0's run directory {run_dir}: put it on a "
-                        "filesystem every node shares (hydra.run.dir=/shared/...)")
-    cfg = rundir.load_config(run_dir, [], (), "train")
-    take_part(cfg, run_dir, resumed, distributed.join(cfg.trainer.device, cfg.trainer.dist_timeout_s))
+    with rank_stops():
+        run_dir, resumed = distributed.run_of_rank_0()
+        if run_dir is None:  # rank 0 refused the run or stopped before it began, and says why
+            return
+        if not (run_dir / ".hydra" / "config.yaml").is_file():
+            raise UserError(f"rank {os.environ['RANK']} cannot see rank 0's run directory {run_dir}: put it on a "
+                            "filesystem every node shares (hydra.run.dir=/shared/...)")
+        cfg = rundir.load_config(run_dir, [], (), "train")
+        take_part(cfg, run_dir, resumed, distributed.join(cfg.trainer.device, cfg.trainer.dist_timeout_s))
 
 
 def take_part(cfg: DictConfig, run_dir: Path, resumed: bool, world: distributed.World) -> None:
@@ -180,30 +198,47 @@ def take_part(cfg: DictConfig, run_dir: Path, resumed: bool, world: distributed.
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     last = run_dir / "checkpoints" / "last.pt"
     state = rundir.load_checkpoint(last, POSITION) if resumed and last.exists() else None
-    stops, preempt = interrupt.STOPS, interrupt.preemption()
-    if preempt:  # a rank of a submitit job: submitit's preemption signal stops it, SIGTERM it ignores (as submitit)
-        stops = (signal.SIGINT, signal.SIGHUP, preempt)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    with interrupt.caught(again_at_once=False, stops=stops):
-        try:
-            results = train(cfg, config, run_dir, state, world)
-        except Diverged as e:  # every rank sees the same loss: all stop at the same step
-            results = {"status": "diverged", "error": str(e)}
-        except Exception as e:
-            raise rank_failed(e, world, run_dir) from None
-        finally:
-            distributed.leave()
+    try:
+        results = train(cfg, config, run_dir, state, world)
+    except Diverged as e:  # every rank sees the same loss: all stop at the same step
+        results = {"status": "diverged", "error": str(e)}
+    except Exception as e:
+        raise rank_failed(e, world, run_dir) from None
+    finally:
+        distributed.leave()
     if world.main:
         path = run_dir / "summary.json"
         rundir.write_json(path, json.loads(path.read_text()) | results)
 
 
+def rank_stops():
+    """A rank's stop signals, from its start: the first is recorded (all ranks stop at the same step), the rest
+    ignored, for the launcher to end the ranks at once. In a submitit job, submitit's preemption signal stops a
+    rank and SIGTERM is ignored, as submitit has it."""
+    preempt = interrupt.preemption()
+    if preempt:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return interrupt.caught(again_at_once=False, stops=(signal.SIGINT, signal.SIGHUP, preempt))
+    return interrupt.caught(again_at_once=False)
+
+
 def rank_failed(e: Exception, world: distributed.World, run_dir: Path) -> distributed.RankFailed:
-    """This rank's error, logged with its traceback; raised as the run's (the error of the first rank to fail)."""
+    """This rank's error, logged with its traceback; raised as the run's (the error of the first rank to fail).
+    A rank that gave up waiting for the others says so: the rank that hangs is another."""
+    if "timed out" in str(e).lower():  # gloo's and NCCL's words for a collective that waited past its timeout
+        report.log.exception("gave up waiting for the other processes")
+        return distributed.RankFailed(world.blame(
+            f"waited {world.timeout_s:g} s (trainer.dist_timeout_s) for the other processes in an exchange: one of "
+            f"them hangs or is far slower (its traceback, if it has one, is in {run_dir / 'train.log'})"))
+    return distributed.RankFailed(world.blame(described(e, run_dir)))
+
+
+def described(e: Exception, run_dir: Path) -> str:
+    """An error as summary.json records it, in one line, logged with its traceback."""
     cause = user_error(e)
     error = str(cause) if cause else f"{type(e).__name__}: {flat(e)} (traceback in {run_dir / 'train.log'})"
     report.log.exception(error)
-    return distributed.RankFailed(world.blame(error))
+    return error
 
 
 def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = None,

@@ -182,6 +182,17 @@ def test_torchrun_from_outside_trains_what_one_process_does(one_process, tmp_pat
     assert close(weights(run), weights(one_process))
 
 
+def test_under_torchrun_a_refused_run_ends_every_rank_at_once(tmp_path):
+    # Rank 0 refuses the config before the ranks meet; rank 1, waiting for rank 0's word, ends too.
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "hsci", "train", "trainer.device=cpu", "data.batch_size=33"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and time.monotonic() - start < 60
+    assert "data.batch_size=33 does not split evenly over the 2 processes torchrun started" in result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
 @pytest.mark.slow
 def test_a_nan_in_one_rank_share_makes_the_run_diverged_on_every_rank(tmp_path):
     (tmp_path / "faults.py").write_text(FAULTS)

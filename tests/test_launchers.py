@@ -119,6 +119,17 @@ def test_a_submitit_job_of_two_tasks_trains_as_two_ranks_what_one_process_does(t
 
 
 @pytest.mark.slow
+def test_a_joblib_job_on_two_processes_starts_its_ranks(tmp_path):
+    # joblib's workers start processes their own way (loky), which the ranks of a job cannot: they are spawned.
+    result = hsci("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", "trainer.devices=2",
+                  *TINY, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for job in ("0", "1"):
+        summary = summary_of(tmp_path / "sweep" / job)
+        assert (summary["status"], summary["world_size"]) == ("completed", 2)
+
+
+@pytest.mark.slow
 def test_a_preempted_submitit_job_is_requeued_and_ends_as_if_never_stopped(tmp_path):
     # Two identical jobs; job 0 gets submitit's preemption signal, as SLURM sends it (here from the test), while it
     # trains. It stops after a step and saves its place, submitit's local executor requeues it, and it carries on.
