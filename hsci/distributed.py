@@ -116,7 +116,8 @@ class World:
         backward pass, whenever ranks are in play (even one, under torchrun)."""
         if self.backend is None:
             return model
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       gradient_as_bucket_view=True, static_graph=True)
 
 
 SINGLE = World()
