@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 4 and 8 in one go, on a machine with a CUDA GPU and no network, from the repository
+# The GPU checks of issues 4, 8 and 9 in one go, on a machine with a CUDA GPU and no network, from the repository
 # root:  bash benchmarks/gpu.sh
 #
 # Installs hydra-core, omegaconf and antlr4 from the wheels in .whl/ (/work/shared/make-wheels.sh) when python
@@ -47,12 +47,12 @@ if [[ $DEVICE == cpu ]]; then  # a dry run: the same commands on small sizes
     R18_BATCH=16 R50_BATCH=2 CIFAR_PER_FILE=200
     R18_STEPS=(--steps 2 --rounds 1) R50_STEPS=(--steps 1 --rounds 1)
     LOADER_RUN=(--images 2048 --steps 4 --rounds 1 --workers 2) TORCH_WORKERS=2
-    EPOCHS=(trainer.epochs=2 trainer.limit_batches=2) BENCH_STEPS=(steps=2 warmup=1)
+    EPOCHS=(trainer.epochs=2 trainer.limit_batches=2) BENCH_STEPS=(steps=2 warmup=1) DDP_RUN=(--batches 2 --rounds 1)
 else
     R18_BATCH=512 R50_BATCH=256 CIFAR_PER_FILE=10000
     R18_STEPS=(--steps 50 --rounds 5) R50_STEPS=(--steps 20 --rounds 3)
     LOADER_RUN=(--images 50000 --steps 40 --rounds 3 --workers 8) TORCH_WORKERS=8
-    EPOCHS=(trainer.epochs=3) BENCH_STEPS=(steps=30 warmup=5)
+    EPOCHS=(trainer.epochs=3) BENCH_STEPS=(steps=30 warmup=5) DDP_RUN=(--batches 30 --rounds 15)
 fi
 # The anchors' setting (../shared/gpu-anchors.md): SGD with Nesterov momentum, label smoothing, bf16, channels_last.
 ANCHOR=(optimizer=sgd loss.label_smoothing=0.1 "trainer.device=$DEVICE" trainer.precision=bf16
@@ -90,11 +90,13 @@ part versions 30 260 "$PYTHON" -c "import sys, torch, hydra, omegaconf; print('p
 # -v: a line per test as it ends, so what finished is known even if the time limit cuts the run short
 PYTEST=("$PYTHON" -m pytest -v -rs --durations=0)
 "$PYTHON" -c "import xdist" 2>/dev/null && PYTEST+=(-n 4)  # the CLI tests are processes of their own
-part tests 200 120 "${PYTEST[@]}" -m gpu tests/test_gpu.py
-part r18 45 95 "$PYTHON" benchmarks/step_vs_bare.py "${R18[@]}" "${R18_STEPS[@]}"
-part loaders 40 75 "$PYTHON" benchmarks/step_vs_bare.py --loaders "${R18[@]}" "${LOADER_RUN[@]}"
-part r50 60 50 "$PYTHON" benchmarks/step_vs_bare.py model=resnet50 data=fake 'data.image_shape=[3,224,224]' \
+part tests 200 145 "${PYTEST[@]}" -m gpu tests/test_gpu.py
+part r18 45 120 "$PYTHON" benchmarks/step_vs_bare.py "${R18[@]}" "${R18_STEPS[@]}"
+part loaders 40 100 "$PYTHON" benchmarks/step_vs_bare.py --loaders "${R18[@]}" "${LOADER_RUN[@]}"
+part r50 60 75 "$PYTHON" benchmarks/step_vs_bare.py model=resnet50 data=fake 'data.image_shape=[3,224,224]' \
     "data.batch_size=$R50_BATCH" "${ANCHOR[@]}" "${R50_STEPS[@]}"
+# Issue 9: the DDP path of one process (NCCL; gloo in the dry run) against the plain path, whole epochs alternating.
+part ddp 45 50 "$PYTHON" benchmarks/ddp_vs_plain.py --device "$DEVICE" --model resnet18 "${R18[@]}" "${DDP_RUN[@]}"
 part cifar 30 45 "$PYTHON" -c "$WRITE_CIFAR" "$DATA" "$CIFAR_PER_FILE"
 TRAIN=("$PYTHON" -m hsci train "${R18[@]}" "data.root=$DATA" data.download=false "${EPOCHS[@]}")
 part train_gpu 50 25 "${TRAIN[@]}" data.loader=gpu "hydra.run.dir=$WORK/train_gpu"

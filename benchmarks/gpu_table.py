@@ -1,5 +1,6 @@
-"""The table benchmarks/gpu.sh prints last: each GPU figure of issue 4, and the GPU tests of issue 8, against its
-target, read from the outputs gpu.sh keeps of its parts (a NAME.txt and NAME.rc each).
+"""The table benchmarks/gpu.sh prints last: each GPU figure of issue 4, the GPU tests of issue 8 and the DDP
+overhead of issue 9, against its target, read from the outputs gpu.sh keeps of its parts (a NAME.txt and NAME.rc
+each).
 
     python3 benchmarks/gpu_table.py PARTS_DIR [DEVICE]
 
@@ -51,6 +52,19 @@ def steps(out: Path, name: str) -> tuple[float, float, float]:
         return number(values["hsci_img_per_s"]), number(values["bare_img_per_s"]), number(values["hsci/bare"])
     except KeyError as e:
         raise Missing(f"no {e} in {name}.txt") from e
+
+
+def ddp(out: Path) -> dict:
+    """DDP / plain (median over rounds) on each clock, its span on the wall clock, the two sides' img/s (wall) and
+    the backend, of a ddp_vs_plain.py run."""
+    values = keyed(part(out, "ddp"))
+    keys = {"wall": "ddp/plain (wall) median", "cpu": "ddp/plain (cpu) median", "plain": "plain img/s (wall)",
+            "ddp": "ddp img/s (wall)"}
+    try:
+        return {name: number(values[key]) for name, key in keys.items()} | {
+            "span": values["ddp/plain (wall) min..max"], "backend": values["backend"]}
+    except KeyError as e:
+        raise Missing(f"no {e} in ddp.txt") from e
 
 
 def loaders(out: Path) -> tuple[float, float, float]:
@@ -126,6 +140,12 @@ def epoch_loaders(out: Path) -> tuple[str, str]:
     return f"{gpu / torch:.2f} ({gpu:,.0f} / {torch:,.0f} img/s)", met(gpu / torch >= 1.5)
 
 
+def ddp_ratio(out: Path) -> tuple[str, str]:
+    d = ddp(out)
+    return (f"{d['wall']:.3f} ({d['span']} over rounds; {d['ddp']:,.0f} / {d['plain']:,.0f} img/s; CPU time "
+            f"{d['cpu']:.3f}; {d['backend']})", met(d["wall"] >= 0.97))
+
+
 def loader_ratio(out: Path) -> tuple[str, str]:
     gpu, torch, ratio = loaders(out)
     return f"{ratio:.1f} ({gpu:,.0f} / {torch:,.0f} img/s)", "-"
@@ -152,6 +172,8 @@ def rows(out: Path) -> list[tuple[str, str, str, str]]:
         (f"{r50}: hsci step / bare step", ">= 0.95", lambda: step_ratio(out, "r50")),
         (f"{r50}: hsci step img/s (MFU)", f">= {0.95 * ANCHOR_BARE['resnet50']:,.0f} (0.95 x anchor bare)",
          lambda: step_rate(out, "r50", "resnet50")),
+        (f"{r18}: hsci train epoch, DDP path of 1 process / plain path", ">= 0.97 (wall clock)",
+         lambda: ddp_ratio(out)),
         ("hsci bench, resnet18, batch 512", "report", lambda: (bench(out), "-")),
     ]
     if (out / "loader_tests.rc").exists():
