@@ -72,6 +72,21 @@ def test_cuda_loader_serves_the_cpu_stream_every_sample_once_cropped_and_flipped
     assert torch.equal(torch.cat([x for x, _ in test]).cpu(), data.x)  # evaluation: in order, not augmented
 
 
+def syncs(run) -> int:
+    """The synchronising calls torch's sync debug mode reports for a second `run()` (the first one's kernel
+    choice and allocations are not the step's)."""
+    run()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def test_the_step_reads_the_device_at_readings_only():
     # torch reports each synchronising call in its sync debug mode: hsci's steps make the bare loop's, plus
     # one read per reading (every trainer.log_every steps and at the epoch's last).
@@ -91,18 +106,6 @@ def test_the_step_reads_the_device_at_readings_only():
             loss.backward()
             optim.opt.step()
             optim.opt.zero_grad(set_to_none=True)
-
-    def syncs(run) -> int:
-        run()  # first calls (kernel choice, allocations) are not the step's
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                run()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        return sum("synchroniz" in str(w.message) for w in caught)
 
     assert parts.loader == "gpu" and batches[0][0].device.type == "cuda"
     assert syncs(hsci_epoch) == syncs(bare_epoch) + 2
@@ -201,18 +204,6 @@ def test_the_ddp_step_on_one_gpu_reads_the_device_no_more_than_the_plain_step(mo
         def epoch_of(p) -> None:
             epoch = Epoch.start(1, 10, parts.device)
             train_epoch(p, optim=optim, batches=batches, epoch=epoch, readings=Readings(5, epoch, world=world))
-
-        def syncs(run) -> int:
-            run()
-            torch.cuda.synchronize()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    run()
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-            return sum("synchroniz" in str(w.message) for w in caught)
 
         assert world.backend == "nccl"
         assert syncs(lambda: epoch_of(stepping)) == syncs(lambda: epoch_of(parts))
