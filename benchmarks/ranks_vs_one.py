@@ -8,7 +8,7 @@ takes cores / N threads), so this records what DDP costs and gains here; it sets
 
     python benchmarks/ranks_vs_one.py                         # digits, cnn, dropout off, 5 epochs, 3 rounds
     python benchmarks/ranks_vs_one.py data=fake data.train_size=8192 'data.image_shape=[1,28,28]' \\
-        data.batch_size=128 trainer.epochs=3
+        'data.mean=[0.5]' 'data.std=[0.25]' data.batch_size=128 trainer.epochs=3
 
 Overrides are `hsci train`'s, after the defaults below.
 """
