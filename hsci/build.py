@@ -4,6 +4,7 @@ with the speed settings (precision, channels_last, compile, loader) resolved for
 
 import os
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -63,7 +64,8 @@ def build(cfg: DictConfig, data: Data | None = None, world: World = SINGLE) -> P
     torch.use_deterministic_algorithms(t.deterministic, warn_only=True)
 
     loss_fn = instantiate(cfg.loss)
-    with world.rank_0_first("data"):  # one download, not one per process into the same folder
+    downloads = world.size > 1 and bool(cfg.data.get("download"))  # one download, not one per process into a folder
+    with world.rank_0_first("data") if downloads else nullcontext():
         data = data or instantiate(cfg.data)
     if world.size > 1 and len(data.train) <= data.batch_size:
         raise UserError(f"the training split ({len(data.train)} samples) is no larger than data.batch_size="
