@@ -70,7 +70,8 @@ def main() -> None:
         values = [r[key] for r in runs[side]]
         return f"{statistics.median(values):,.{digits}f} ({min(values):,.{digits}f}..{max(values):,.{digits}f})"
 
-    print(f"\nmedian (min..max) over {args.rounds} runs each; epoch figures: median over a run's epochs after the "
+    print(f"\nruns in {work}")
+    print(f"median (min..max) over {args.rounds} runs each; epoch figures: median over a run's epochs after the "
           "first")
     print("| processes | epoch_s | train_img_per_s | wall s | CPU s (all processes) |")
     print("| --- | --- | --- | --- | --- |")
