@@ -32,13 +32,14 @@ from pathlib import Path
 
 import torch
 
-from hsci import distributed, report
-from hsci.bench import synthetic
-from hsci.build import build, compose
-from hsci.distributed import SINGLE
-from hsci.loaders import Timed, start_epoch
-from hsci.step import Epoch, Readings, optimizing, train_epoch
-from hsci.train import STEPS
+from hsci import report
+from hsci.loop.bench import synthetic
+from hsci.loop.step import Epoch, Readings, train_epoch
+from hsci.loop.train import STEPS
+from hsci.parts import world as distributed
+from hsci.parts.build import build, compose, optimizing
+from hsci.parts.loaders import Timed, start_epoch
+from hsci.parts.world import SINGLE
 
 MODELS = {"cnn": ["model=cnn", "data=mnist", "data.batch_size=128"],  # the default experiment's network at 28 px
           "resnet18": ["model=resnet18", "data=cifar10", "data.batch_size=512"]}
@@ -71,7 +72,7 @@ def compare(cfg, world: distributed.World, n_batches: int, rounds: int) -> dict:
     """CPU and wall seconds per epoch of each side, alternating, over `rounds` epochs after one of warm-up."""
     data = synthetic(cfg, None, n_batches * cfg.data.batch_size)
     parts = {"plain": build(cfg, data=data, world=SINGLE), "ddp": build(cfg, data=data, world=world)}
-    optim = {name: optimizing(cfg, p, epochs=rounds + 1, steps_per_epoch=len(p.train_loader))
+    optim = {name: optimizing(cfg, p, epochs=rounds + 1, steps_per_epoch=len(p.loaders.train))
              for name, p in parts.items()}
     p = parts["ddp"]
     stepping = {"plain": parts["plain"], "ddp": replace(p, model=world.wrap(p.model, p.device))}  # as train() does
@@ -79,10 +80,10 @@ def compare(cfg, world: distributed.World, n_batches: int, rounds: int) -> dict:
     logging.basicConfig(filename=run_dir / "train.log", level=logging.INFO)  # as hsci train logs, to a file
 
     def epoch(name: str, number: int) -> None:
-        p, steps = stepping[name], len(stepping[name].train_loader)
+        p, steps = stepping[name], len(stepping[name].loaders.train)
         epoch = Epoch.start(number, steps, p.device)
-        start_epoch(p.train_loader, epoch.number)
-        batches = Timed(p.train_loader)
+        start_epoch(p.loaders.train, epoch.number)
+        batches = Timed(p.loaders.train)
         with report.epoch_progress(epoch.number, rounds + 1, 0, epoch.stop) as progress:
             readings = Readings(cfg.trainer.log_every, epoch, run_dir / f"{name}_{STEPS}", progress, p.world)
             train_epoch(p, optim=optim[name], batches=batches, epoch=epoch, readings=readings)
@@ -104,16 +105,16 @@ def compare(cfg, world: distributed.World, n_batches: int, rounds: int) -> dict:
                   f"(load {os.getloadavg()[0]:.1f})", flush=True)  # others' processes show as load above ~2
     report.console.quiet = False
 
-    images = len(p.train_loader) * cfg.data.batch_size
+    images = len(p.loaders.train) * cfg.data.batch_size
     ddp = stepping["ddp"].model
     options = ",".join(f"{k}={getattr(ddp, k, '?')}" for k in ("gradient_as_bucket_view", "static_graph"))
     result = {"device": str(p.device), "backend": world.backend, "world_size": world.size, "ddp options": options,
-              "precision": p.precision, "channels_last": p.channels_last, "threads": torch.get_num_threads(),
+              "precision": p.speed.precision, "channels_last": p.speed.channels_last, "threads": torch.get_num_threads(),
               "name": cfg.name, "batch": cfg.data.batch_size,
-              "input": "x".join(map(str, p.data.input_shape)), "loader": p.loader,
-              "batches/epoch": len(p.train_loader), "rounds": rounds,
-              "readings/epoch": sum(1 for step in range(1, len(p.train_loader) + 1)
-                                    if step % cfg.trainer.log_every == 0 or step == len(p.train_loader))}
+              "input": "x".join(map(str, p.data.input_shape)), "loader": p.speed.loader,
+              "batches/epoch": len(p.loaders.train), "rounds": rounds,
+              "readings/epoch": sum(1 for step in range(1, len(p.loaders.train) + 1)
+                                    if step % cfg.trainer.log_every == 0 or step == len(p.loaders.train))}
     for clock in ("cpu", "wall"):
         for name in SIDES:
             s = seconds[name][clock]

@@ -25,11 +25,11 @@ import torch
 from hydra.utils import instantiate
 
 from hsci import report
-from hsci.bench import synthetic
-from hsci.build import build, compose
-from hsci.loaders import Timed, start_epoch
-from hsci.step import Epoch, Readings, optimizing, train_epoch
-from hsci.train import STEPS
+from hsci.loop.bench import synthetic
+from hsci.loop.step import Epoch, Readings, train_epoch
+from hsci.loop.train import STEPS
+from hsci.parts.build import build, compose, optimizing
+from hsci.parts.loaders import Timed, start_epoch
 
 DEFAULTS = ["model=cnn", "data=mnist", "data.batch_size=128", "trainer.device=cpu", "trainer.precision=fp32"]
 
@@ -37,7 +37,7 @@ DEFAULTS = ["model=cnn", "data=mnist", "data.batch_size=128", "trainer.device=cp
 def compare(cfg, n_batches: int, rounds: int) -> dict:
     """CPU and wall seconds per epoch of each side, alternating, over `rounds` epochs after one of warm-up."""
     p = build(cfg, data=synthetic(cfg, None, n_batches * cfg.data.batch_size))
-    optim = optimizing(cfg, p, epochs=rounds + 1, steps_per_epoch=len(p.train_loader))
+    optim = optimizing(cfg, p, epochs=rounds + 1, steps_per_epoch=len(p.loaders.train))
     run_dir = Path(tempfile.mkdtemp())
     logging.basicConfig(filename=run_dir / "train.log", level=logging.INFO)  # as hsci train logs, to a file
 
@@ -45,12 +45,12 @@ def compare(cfg, n_batches: int, rounds: int) -> dict:
     bare = instantiate(cfg.model, input_shape=p.data.input_shape, num_outputs=p.data.num_outputs).to(p.device)
     bare_opt = instantiate(cfg.optimizer, params=bare.parameters())
     loss_fn = instantiate(cfg.loss)
-    batches = [(p.to_input(x.to(p.device)), y.to(p.device)) for x, y in p.train_loader]
+    batches = [(p.to_input(x.to(p.device)), y.to(p.device)) for x, y in p.loaders.train]
 
     def hsci_epoch(number: int) -> None:
-        epoch = Epoch.start(number, len(p.train_loader), p.device)
-        start_epoch(p.train_loader, epoch.number)
-        timed = Timed(p.train_loader)
+        epoch = Epoch.start(number, len(p.loaders.train), p.device)
+        start_epoch(p.loaders.train, epoch.number)
+        timed = Timed(p.loaders.train)
         with report.epoch_progress(epoch.number, rounds + 1, 0, epoch.stop) as progress:
             readings = Readings(cfg.trainer.log_every, epoch, run_dir / STEPS, progress)
             train_epoch(p, optim=optim, batches=timed, epoch=epoch, readings=readings)
@@ -75,7 +75,7 @@ def compare(cfg, n_batches: int, rounds: int) -> dict:
                 seconds[name]["cpu"].append(time.process_time() - cpu)
                 seconds[name]["wall"].append(time.perf_counter() - wall)
     report.console.quiet = False
-    result = {"device": str(p.device), "precision": p.precision, "threads": torch.get_num_threads(),
+    result = {"device": str(p.device), "precision": p.speed.precision, "threads": torch.get_num_threads(),
               "batch": cfg.data.batch_size, "input": "x".join(map(str, p.data.input_shape)),
               "batches/epoch": len(batches), "rounds": rounds,
               "readings/epoch": sum(1 for step in range(1, len(batches) + 1)

@@ -19,11 +19,11 @@ import time
 import torch
 from hydra.utils import instantiate
 
-from hsci.bench import synthetic
-from hsci.build import build, compose
-from hsci.data import CropFlip, Tensors
-from hsci.loaders import make_loader, start_epoch
-from hsci.step import Epoch, Readings, optimizing, train_epoch
+from hsci.loop.bench import synthetic
+from hsci.loop.step import Epoch, Readings, train_epoch
+from hsci.parts.build import build, compose, optimizing
+from hsci.parts.datasets import CropFlip, Loading, Tensors
+from hsci.parts.loaders import start_epoch, train_loader
 
 
 def sync(device: torch.device) -> None:
@@ -39,12 +39,12 @@ def steps(cfg, n_steps: int, rounds: int) -> dict:
 
     # The bare loop: its own model of the same architecture, an already-normalised float batch.
     bare = instantiate(cfg.model, input_shape=p.data.input_shape, num_outputs=p.data.num_outputs).to(p.device)
-    if p.channels_last:
+    if p.speed.channels_last:
         bare = bare.to(memory_format=torch.channels_last)
     bare_opt = instantiate(cfg.optimizer, params=bare.parameters())
     loss_fn = instantiate(cfg.loss)
     x = p.to_input(x_u8)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p.precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p.speed.precision)
 
     def hsci_step(n: int) -> None:
         epoch = Epoch.start(1, n, p.device)
@@ -69,7 +69,7 @@ def steps(cfg, n_steps: int, rounds: int) -> dict:
             step(n_steps)
             rates[name].append(n_steps * len(y) / (time.perf_counter() - start))
     hsci_rate, bare_rate = statistics.median(rates["hsci"]), statistics.median(rates["bare"])
-    return {"device": str(p.device), "precision": p.precision, "channels_last": p.channels_last,
+    return {"device": str(p.device), "precision": p.speed.precision, "channels_last": p.speed.channels_last,
             "batch": len(y), "input": "x".join(map(str, p.data.input_shape)), "hsci_img_per_s": round(hsci_rate),
             "bare_img_per_s": round(bare_rate), "hsci/bare": round(hsci_rate / bare_rate, 3)}
 
@@ -81,10 +81,9 @@ def loaders(cfg, n_images: int, batches: int, rounds: int, workers: int) -> dict
     pad, flip = cfg.data.random_crop_padding, cfg.data.horizontal_flip
     data = Tensors(torch.randint(0, 256, (n_images, *shape), dtype=torch.uint8), torch.randint(0, 10, (n_images,)),
                    CropFlip(pad, flip) if pad or flip else None)
-    paths = {f"torch ({workers} workers)": make_loader(data, cfg.data.batch_size, workers, p.device, train=True,
-                                                       seed=0, kind="torch"),
-             "gpu (set on the device)": make_loader(data, cfg.data.batch_size, 0, p.device, train=True, seed=0,
-                                                    kind="gpu")}
+    paths = {f"torch ({workers} workers)": train_loader(data, Loading(cfg.data.batch_size, workers), p.device, 0,
+                                                        kind="torch"),
+             "gpu (set on the device)": train_loader(data, Loading(cfg.data.batch_size), p.device, 0, kind="gpu")}
     rates = {name: [] for name in paths}
     for epoch in range(rounds + 1):  # the first round warms up (worker start, allocator)
         for name, loader in paths.items():

@@ -46,15 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         if verb == "train":
             return train(rest)
         if verb == "eval":
-            from hsci import evaluate  # imports torch
+            from hsci.loop import evaluate  # imports torch
 
             return one_line_errors(evaluate.run_eval, rest)
         if verb == "bench":
-            from hsci import bench
+            from hsci.loop import bench
 
             return one_line_errors(bench.run_bench, rest)
         if verb == "trust":
-            from hsci import trust
+            from hsci.record import trust
 
             return one_line_errors(trust.run_trust, rest)
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (or a second one inside): stop, in one line
@@ -95,7 +95,7 @@ def one_line_errors(verb, args: list[str]) -> int:
 
 def train(args: list[str]) -> int:
     """`hsci train`: a Hydra app; `resume=` reopens a run directory instead of making a new one. Started as a rank
-    of a larger job (torchrun), rank 0 runs the app and the other ranks follow it (hsci/train.py)."""
+    of a larger job (torchrun), rank 0 runs the app and the other ranks follow it (hsci/jobs/ranks.py)."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         refused = _refused_as_rank(args)
         if refused:
@@ -108,7 +108,7 @@ def train(args: list[str]) -> int:
         if "-m" in args or "--multirun" in args:
             return fail("resume= continues one run; it cannot be part of a sweep (-m)", 2)
         from hsci import UserError
-        from hsci.owner import find_run
+        from hsci.record.owner import find_run
 
         try:
             run = find_run(resume, "resume", skip_owned=True)
@@ -126,7 +126,7 @@ def train(args: list[str]) -> int:
         # from the terminal and again from torchrun: quitting at once is left to torchrun.
         with interrupt.caught(again_at_once=not ("RANK" in os.environ and "WORLD_SIZE" in os.environ)):
             _hydra_app(task)()
-    except Refused as e:  # refused before the run began (hsci/owner.py): its own one line
+    except Refused as e:  # refused before the run began (hsci/record/owner.py): its own one line
         held.holding = False
         return fail(e.message, e.code)
     except SystemExit as e:
@@ -148,9 +148,9 @@ def train(args: list[str]) -> int:
         sys.stderr = held.real
         held.release()
         if os.environ.get("RANK") == "0" and "WORLD_SIZE" in os.environ:  # torchrun's rank 0, whatever ended it:
-            from hsci import distributed  # the other ranks wait for its word (hsci/train.py's `follow`)
+            from hsci.jobs import ranks  # the other ranks wait for its word (`follow`)
 
-            distributed.announce(None)  # nothing, unless it announced its run
+            ranks.announce(None)  # nothing, unless it announced its run
     return 0
 
 
@@ -168,9 +168,9 @@ def _refused_as_rank(args: list[str]) -> str | None:
 
 
 def _follow(args: list[str]) -> int:
-    from hsci import train as training  # imports torch
+    from hsci.jobs import ranks  # imports torch
 
-    training.follow()
+    ranks.follow()
     return 0
 
 
@@ -186,9 +186,9 @@ class _Task:
             self.held.release()  # the config composed: from here on errors are the run's own
         # A job a launcher runs in another process writes to the same console, at best effort too.
         best_effort()
-        from hsci import train as training  # imports torch: kept out of `hsci --help`
+        from hsci.jobs import job  # imports torch: kept out of `hsci --help`
 
-        return training.main(cfg, self.changes)  # the monitored value, for sweepers that optimise
+        return job.main(cfg, self.changes)  # the monitored value, for sweepers that optimise
 
     def __getstate__(self) -> dict:
         return {"changes": self.changes, "held": None}
@@ -238,10 +238,10 @@ def _hydra_app(task):
     import hydra
     from omegaconf import OmegaConf
 
-    from hsci import schema
-    from hsci.owner import job_dir
+    from hsci.parts import schema
+    from hsci.record.owner import job_dir
 
     schema.register()
     OmegaConf.register_new_resolver("hsci_new_dir", _new_dir, use_cache=True, replace=True)
-    OmegaConf.register_new_resolver("hsci_job_dir", job_dir, replace=True)  # a sweep job's folder: hsci/owner.py
+    OmegaConf.register_new_resolver("hsci_job_dir", job_dir, replace=True)  # a sweep job's folder: record/owner.py
     return hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(task)

@@ -1,15 +1,14 @@
 """Models. Each `conf/model/<name>.yaml` calls one function here.
 
-Every builder takes the dataset's `input_shape` and `num_outputs` (passed by hsci/train.py, never typed
-by the user) and returns an `nn.Module` that maps a batch to logits (or to regression values).
+Every builder takes the dataset's `input_shape` and `num_outputs` (passed by hsci/parts/build.py, never typed
+by the user) and returns an `nn.Module` that maps a batch to logits (or to regression values). torchvision is
+imported by the builders of its models, when they run.
 """
 
 import math
 
 import torch
 from torch import nn
-from torchvision import models as tvm
-from torchvision.models import VisionTransformer
 
 from hsci import UserError
 
@@ -43,8 +42,10 @@ def resnet(input_shape: tuple[int, ...], num_outputs: int, arch: str, pretrained
     """A torchvision ResNet. Small inputs without pretrained weights get the CIFAR stem (3x3 conv, no pool).
 
     With `pretrained`, the ImageNet weights are loaded and the model carries `pretrained_input`, the
-    resize and normalisation those weights expect, which hsci/train.py applies to every batch.
+    resize and normalisation those weights expect, which hsci/parts/build.py applies to every batch.
     """
+    from torchvision import models as tvm
+
     c, h, w = _image_shape(input_shape, arch)
     if pretrained:
         weights = tvm.get_model_weights(arch).DEFAULT
@@ -66,6 +67,8 @@ def resnet(input_shape: tuple[int, ...], num_outputs: int, arch: str, pretrained
 def vit(input_shape: tuple[int, ...], num_outputs: int, patch_size: int | None, num_layers: int, num_heads: int,
         hidden_dim: int, mlp_dim: int, dropout: float) -> nn.Module:
     """A small torchvision VisionTransformer; `patch_size: null` cuts the image into about 8 x 8 patches."""
+    from torchvision.models import VisionTransformer
+
     c, h, w = _image_shape(input_shape, "vit")
     if h != w:
         raise UserError(f"model=vit needs square images, got {h}x{w}: resize them (data.image_size for imagefolder)")

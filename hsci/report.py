@@ -1,16 +1,20 @@
 """Output for people: rich on a terminal, plain lines when stdout is a pipe or a CI log.
 
-Everything shown is also written to the run's train.log through the `hsci` logger.
+Everything shown is also written to the run's train.log through the `hsci` logger, and so are the tracebacks of
+errors (`described`).
 """
 
 import logging
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.tree import Tree
+
+from hsci import flat, user_error
 
 log = logging.getLogger("hsci")
 console = Console(highlight=False)
@@ -26,6 +30,15 @@ def say(msg: str) -> None:
 def error(msg: str) -> None:
     """One line on stderr (the caller logs the details)."""
     errors.print(f"error: {msg}", style="bold red" if errors.is_terminal else None, markup=False, soft_wrap=True)
+
+
+def described(e: Exception, log_file: Path) -> str:
+    """An error as summary.json records it, in one line: the user's problem as hsci put it, or any other by its
+    type and where its traceback is; logged with that traceback (in `log_file`, the run's train.log)."""
+    cause = user_error(e)
+    line = str(cause) if cause else f"{type(e).__name__}: {flat(e)} (traceback in {log_file})"
+    log.exception(line)
+    return line
 
 
 def config(cfg: dict, yaml: str) -> None:
@@ -58,7 +71,7 @@ def epoch_progress(epoch: int, epochs: int, first: int, stop: int) -> Iterator["
 
 
 class EpochProgress:
-    """`advance(done)` after each step, `show(done, reading)` at each reading (hsci/step.py's Readings): on a
+    """`advance(done)` after each step, `show(done, reading)` at each reading (hsci/loop/step.py's Readings): on a
     terminal the bar moves and shows the reading; otherwise each reading is a line. train.log gets it either way."""
 
     def __init__(self, desc: str, stop: int, bar: Progress | None = None, task=None):

@@ -1,7 +1,7 @@
 """Learning-rate schedules. Each `conf/scheduler/<name>.yaml` calls one function here.
 
 All are stepped once per optimizer step and scale the optimizer's own `lr`. `warmup_epochs` ramps the
-rate linearly from near zero; the run's length (`epochs`, `steps_per_epoch`) is passed by hsci/train.py.
+rate linearly from near zero; the run's length (`epochs`, `steps_per_epoch`) is passed by hsci/parts/build.py.
 """
 
 import math

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
-from hsci import schema
+from hsci.parts import schema
 from hsci.cli import config_dir
 
 

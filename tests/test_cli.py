@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import hsci, run_dirs, summary_of, write_cifar, write_imagefolder
 from hsci.cli import _home
-from hsci.schema import MONITORS
+from hsci.parts.schema import MONITORS
 
 
 def test_help_lists_verbs_and_groups_without_importing_torch():

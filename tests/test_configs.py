@@ -10,8 +10,8 @@ from conftest import write_cifar, write_idx, write_imagefolder
 from hsci import UserError
 from hsci.cli import config_dir
 from hsci.data import Data
-from hsci.schema import Precision
-from hsci.build import check_loss, compose
+from hsci.parts.build import check_loss, compose
+from hsci.parts.schema import Precision
 
 
 def options(group: str) -> list[str]:
@@ -66,10 +66,10 @@ def test_data_option_instantiates(cfg_of, option, tmp_path):
     assert len(data.train) and len(data.val) and len(data.test)
     x, y = data.train[0]
     assert tuple(x.shape) == data.input_shape
-    if data.mean is None:  # tables: standardised float features
+    if data.scaling.mean is None:  # tables: standardised float features
         assert x.dtype == torch.float32 and data.task in ("binary", "regression") and data.num_outputs == 1
     else:  # images: uint8, normalised later on the device
-        assert x.dtype == torch.uint8 and data.task == "multiclass" and len(data.mean) == data.input_shape[0]
+        assert x.dtype == torch.uint8 and data.task == "multiclass" and len(data.scaling.mean) == data.input_shape[0]
     loss_fn = instantiate(cfg.loss)
     check_loss(loss_fn, data.task)  # each dataset's default loss fits its task
 

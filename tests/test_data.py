@@ -11,8 +11,8 @@ from PIL import Image
 
 from conftest import write_cifar, write_idx, write_imagefolder
 from hsci import UserError, user_error
-from hsci.datafiles import read_image
-from hsci.loaders import input_fn
+from hsci.parts.datafiles import read_image
+from hsci.parts.loaders import input_fn
 
 
 def load(cfg_of, option, *overrides):
@@ -150,7 +150,7 @@ def test_tables_are_standardised_with_training_statistics(cfg_of):
     x = data.train.x
     assert torch.allclose(x.mean(0), torch.zeros(10), atol=1e-5) and torch.allclose(x.std(0, unbiased=False),
                                                                                   torch.ones(10), atol=1e-4)
-    assert data.task == "regression" and data.target_std > 1  # targets in the dataset's units: tens to hundreds
+    assert data.task == "regression" and data.scaling.target_std > 1  # targets in the dataset's units: tens to hundreds
 
 
 def test_input_fn_normalises_uint8_on_the_device_and_adapts_to_pretrained_weights():
@@ -224,3 +224,4 @@ def test_an_empty_class_folder_is_an_error(cfg_of, tmp_path):
     (tmp_path / "train" / "wolf").mkdir()
     message = load_error(cfg_of, "imagefolder", f"data.root={tmp_path}")
     assert f"{tmp_path / 'train' / 'wolf'} holds no images" in message
+

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from conftest import hsci, run_dirs, summary_of
-from hsci.data import CropFlip, Tensors
-from hsci.loaders import DeviceLoader, EpochSampler, make_loader
+from hsci.parts.datasets import CropFlip, Loading, Tensors
+from hsci.parts.loaders import DeviceLoader, EpochSampler, eval_loader
+from hsci.parts.world import World
 
 # The cnn without dropout: no batch norm and no random masks, so two processes' shares of a batch train the
 # model exactly as one process's whole batch does, up to the order floats are added in.
@@ -78,8 +79,8 @@ def test_shares_of_each_batch_side_by_side_are_the_batch_one_process_takes():
         assert torch.equal(x, torch.cat([parts[0][b][0], parts[1][b][0]]))
         assert torch.equal(y, torch.cat([parts[0][b][1], parts[1][b][1]]))
     for kind in ("torch", "gpu"):  # an evaluation split: each sample once over the ranks, the first 3 batches
-        seen = [y for rank in range(3) for _, y in make_loader(dataset, 6, 0, cpu, train=False, seed=0, kind=kind,
-                                                               limit=3, rank=rank, ranks=3)]
+        seen = [y for rank in range(3) for _, y in eval_loader(dataset, Loading(6), cpu, 0, kind, limit=3,
+                                                               world=World(rank=rank, size=3))]
         assert torch.equal(torch.cat(seen), dataset.y[:18])
 
 

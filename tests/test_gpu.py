@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import hsci, run_dirs, summary_of
-from hsci.data import CropFlip, Tensors
-from hsci.build import build, compose
-from hsci.loaders import input_fn, make_loader, start_epoch
-from hsci.step import Epoch, Readings, optimizing, train_epoch
+from hsci.loop.step import Epoch, Readings, train_epoch
+from hsci.parts.build import build, compose, optimizing
+from hsci.parts.datasets import CropFlip, Loading, Tensors
+from hsci.parts.loaders import eval_loader, input_fn, start_epoch, train_loader
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -46,7 +46,7 @@ def test_cuda_loader_serves_the_cpu_stream_every_sample_once_cropped_and_flipped
     # The order, crops and flips are drawn on the CPU: the stream on CUDA is the CPU device's, batch for batch.
     n, pad = 4096, 4
     data = cifar_shaped(n, CropFlip(pad, True))
-    loader, on_cpu = (make_loader(data, 512, 0, device, train=True, seed=0, kind="gpu") for device in (CUDA, CPU))
+    loader, on_cpu = (train_loader(data, Loading(512), device, 0, kind="gpu") for device in (CUDA, CPU))
     for epoch in (1, 2):
         start_epoch(loader, epoch), start_epoch(on_cpu, epoch)
         batches = list(loader)
@@ -58,7 +58,7 @@ def test_cuda_loader_serves_the_cpu_stream_every_sample_once_cropped_and_flipped
     assert all(torch.equal(x, rx) and torch.equal(y, ry) for (x, y), (rx, ry) in zip(batches[3:], loader, strict=True))
     y = torch.cat([y for _, y in batches]).cpu()
     assert sorted(y.tolist()) == list(range(n))
-    torch_path = make_loader(data, 512, 0, CPU, train=True, seed=0, kind="torch")
+    torch_path = train_loader(data, Loading(512), CPU, 0, kind="torch")
     start_epoch(torch_path, 2)
     assert torch.equal(y, torch.cat([labels for _, labels in torch_path]))  # the DataLoader path's order
     # Each served image is its own original, cropped and flipped pixel for pixel as CropFlip defines it;
@@ -68,7 +68,7 @@ def test_cuda_loader_serves_the_cpu_stream_every_sample_once_cropped_and_flipped
     assert (where >= 0).all()
     for part, k in ((where // 18, 9), (where // 2 % 9, 9), (where % 2, 2)):
         assert (torch.bincount(part, minlength=k) / n - 1 / k).abs().max() < 0.035
-    test = make_loader(data, 512, 0, CUDA, train=False, seed=0, kind="gpu")
+    test = eval_loader(data, Loading(512), CUDA, 0, kind="gpu")
     assert torch.equal(torch.cat([x for x, _ in test]).cpu(), data.x)  # evaluation: in order, not augmented
 
 
@@ -92,7 +92,7 @@ def test_the_step_reads_the_device_at_readings_only():
     # one read per reading (every trainer.log_every steps and at the epoch's last).
     cfg = compose(["trainer.device=cuda", "trainer.precision=bf16", "data.batch_size=64"])
     parts = build(cfg)
-    batches = [batch for _, batch in zip(range(10), parts.train_loader)]
+    batches = [batch for _, batch in zip(range(10), parts.loaders.train)]
     optim = optimizing(cfg, parts, epochs=3, steps_per_epoch=10)
 
     def hsci_epoch() -> None:
@@ -107,7 +107,7 @@ def test_the_step_reads_the_device_at_readings_only():
             optim.opt.step()
             optim.opt.zero_grad(set_to_none=True)
 
-    assert parts.loader == "gpu" and batches[0][0].device.type == "cuda"
+    assert parts.speed.loader == "gpu" and batches[0][0].device.type == "cuda"
     assert syncs(hsci_epoch) == syncs(bare_epoch) + 2
 
 
@@ -185,7 +185,7 @@ def test_the_ddp_step_on_one_gpu_reads_the_device_no_more_than_the_plain_step(mo
     import socket
     from dataclasses import replace
 
-    from hsci import distributed
+    from hsci.parts import world as distributed
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -198,7 +198,7 @@ def test_the_ddp_step_on_one_gpu_reads_the_device_no_more_than_the_plain_step(mo
         cfg = compose(["trainer.device=cuda", "trainer.precision=bf16", "data.batch_size=64"])
         parts = build(cfg, world=world)
         stepping = replace(parts, model=world.wrap(parts.model, parts.device))
-        batches = [batch for _, batch in zip(range(10), parts.train_loader)]
+        batches = [batch for _, batch in zip(range(10), parts.loaders.train)]
         optim = optimizing(cfg, parts, epochs=3, steps_per_epoch=10)
 
         def epoch_of(p) -> None:

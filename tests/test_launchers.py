@@ -19,8 +19,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from conftest import hsci, summary_of
-from hsci import Refused, config_dir, schema
-from hsci.owner import job_dir, requeued
+from hsci import Refused, config_dir
+from hsci.parts import schema
+from hsci.record.owner import job_dir, requeued
 
 TINY = ["trainer.epochs=1", "trainer.limit_batches=3", "trainer.device=cpu"]
 SEEDS = (0, 1)

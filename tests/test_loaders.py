@@ -13,8 +13,9 @@ from hydra.utils import instantiate
 
 from conftest import hsci, run_dirs, summary_of
 from hsci import UserError
-from hsci.data import CropFlip, ImageFiles, Tensors
-from hsci.loaders import DeviceLoader, crop_flip, make_loader, pick_loader, start_epoch
+from hsci.parts.datafiles import ImageFiles
+from hsci.parts.datasets import CropFlip, Loading, Tensors
+from hsci.parts.loaders import DeviceLoader, crop_flip, pick_loader, start_epoch, train_loader
 
 CPU = torch.device("cpu")
 
@@ -80,8 +81,8 @@ def test_both_paths_draw_crops_and_flips_from_the_same_distribution():
                 seen[r, min(c, 5 - c), int(c > 2)] += 1
         return seen / len(imgs)
 
-    torch_path = make_loader(data, 100, 0, CPU, train=True, seed=0)
-    device_path = make_loader(data, 100, 0, CPU, train=True, seed=0, kind="gpu")
+    torch_path = train_loader(data, Loading(100), CPU, 0)
+    device_path = train_loader(data, Loading(100), CPU, 0, kind="gpu")
     a, b = placements(torch_path), placements(device_path)
     # 3 x 3 visible placements x 2 flips, each with probability 1/25 * 1/2; 4000 draws: sd about 0.0044
     assert (a - b).abs().max() < 0.02

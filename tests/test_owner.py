@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import hsci, summary_of
-from hsci import rundir
-from hsci.owner import owner
+from hsci.record import rundir
+from hsci.record.owner import owner
 
 
 def snapshot(run: Path) -> dict:

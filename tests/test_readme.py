@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from hsci.cli import config_dir
-from hsci.evaluate import make_metrics
-from hsci.schema import MONITORS
+from hsci.loop.evaluate import make_metrics
+from hsci.parts.schema import MONITORS
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
 GROUPS = sorted(d.name for d in config_dir().iterdir() if d.is_dir())

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from hsci.build import build, compose
-from hsci.step import Epoch, Readings, optimizing, train_epoch
+from hsci.loop.step import Epoch, Readings, train_epoch
+from hsci.parts.build import build, compose, optimizing
 
 
 @pytest.mark.parametrize("data, model", [("digits", "cnn"), pytest.param("digits", "resnet18", marks=pytest.mark.slow),
@@ -16,7 +16,7 @@ from hsci.step import Epoch, Readings, optimizing, train_epoch
 def test_loss_falls_when_overfitting_one_batch(data, model):
     cfg = compose([f"data={data}", f"model={model}", "scheduler=none", "trainer.device=cpu", "data.batch_size=32"])
     p = build(cfg)
-    batch = next(iter(p.train_loader))
+    batch = next(iter(p.loaders.train))
     optim = optimizing(cfg, p, epochs=3, steps_per_epoch=20)
     losses = []
     for number in range(1, 4):
@@ -31,7 +31,7 @@ def test_loss_falls_when_overfitting_one_batch(data, model):
 def test_a_reading_records_the_unscaled_gradient_norm_before_clipping(tmp_path, precision, clip):
     cfg = compose(["trainer.device=cpu", f"trainer.precision={precision}", f"trainer.grad_clip={clip or 'null'}"])
     p = build(cfg)
-    x, y = next(iter(p.train_loader))
+    x, y = next(iter(p.loaders.train))
     reference = copy.deepcopy(p.model)
     torch.manual_seed(1)  # the same dropout masks on both sides
     torch.nn.functional.cross_entropy(reference(p.to_input(x)), y).backward()

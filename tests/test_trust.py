@@ -8,7 +8,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import hsci, run_dirs, summary_of
-from hsci import UserError, trust
+from hsci import UserError
+from hsci.record import signing, trust
 
 MY_MODEL = '''"""A user's own model, named by their own --config-dir."""
 from torch import nn
@@ -53,13 +54,13 @@ def test_own_targets_build_as_ones_own_and_a_received_run_once_trusted(tmp_path)
     ("hsci.data.Tensors", False), ("hsci.data.np.save", False), ("hsci.models._download", False),
     ("torchvision.datasets.utils.download_url", False), ("antigravity.fly", False)])
 def test_what_a_config_from_elsewhere_may_build(target, ok):
-    assert trust.allowed(target) is ok
+    assert signing.allowed(target) is ok
 
 
 def test_a_config_from_elsewhere_may_not_hold_interpolations(tmp_path):
     cfg = OmegaConf.create({"data": {"_target_": "hsci.data.digits", "root": "${hsci_new_dir:/tmp/made}"}})
     with pytest.raises(UserError, match=r"data.root holds an interpolation \(\$\{hsci_new_dir:/tmp/made\}\)"):
-        trust.check(cfg, tmp_path / ".hydra" / "config.yaml", "eval")
+        signing.check(cfg, tmp_path / ".hydra" / "config.yaml", "eval")
 
 
 def test_hsci_trust_refuses_a_config_whose_interpolations_hide_what_it_builds(finished, tmp_path):
@@ -70,7 +71,7 @@ def test_hsci_trust_refuses_a_config_whose_interpolations_hide_what_it_builds(fi
     config.write_text(config.read_text().replace("_target_: hsci.models.cnn", "_target_: hsci.models.cnn" + hidden))
     with pytest.raises(UserError, match="holds an interpolation at model.note"):
         trust.run_trust([f"run={run}"])
-    assert not trust.signed(run, config.read_bytes())
+    assert not signing.signed(run, config.read_bytes())
 
 
 def test_signatures_are_per_user_and_per_content(tmp_path, monkeypatch):
@@ -79,18 +80,18 @@ def test_signatures_are_per_user_and_per_content(tmp_path, monkeypatch):
     text = b"seed: 0\n"
 
     def sign(text: bytes, add: bool = False) -> None:
-        (run / trust.SIGNATURE).write_text(trust.signatures(run, text, add))
+        (run / signing.SIGNATURE).write_text(signing.signatures(run, text, add))
 
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "a"))
     sign(text)
-    assert trust.signed(run, text) and not trust.signed(run, b"seed: 1\n")
+    assert signing.signed(run, text) and not signing.signed(run, b"seed: 1\n")
     assert (tmp_path / "a" / "hsci" / "key").stat().st_mode & 0o777 == 0o600
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "b"))
-    assert not trust.signed(run, text)
+    assert not signing.signed(run, text)
     sign(text, add=True)  # `hsci trust` by a second user keeps the first user's signature
-    assert trust.signed(run, text)
+    assert signing.signed(run, text)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "a"))
-    assert trust.signed(run, text)
+    assert signing.signed(run, text)
     sign(b"seed: 1\n")  # a config written anew: only its writer's signature
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "b"))
-    assert not trust.signed(run, b"seed: 1\n")
+    assert not signing.signed(run, b"seed: 1\n")

@@ -6,7 +6,7 @@ to job, submitit in a job per process (on this machine or on a cluster's nodes),
 cluster preempts it or its time runs out. A job in such a process gets, for as long as it runs, what a run
 alone has: hsci's stop handling (hsci/interrupt.py), and on the sweep's machine the CPU threads of a run
 alone. A job that submitit's preemption signal stopped saves its place like any stopped run, and is then
-handed back to submitit to requeue: it carries on from its last.pt in its own folder (hsci/owner.py).
+handed back to submitit to requeue: it carries on from its last.pt in its own folder (hsci/record/owner.py).
 """
 
 import atexit
@@ -93,7 +93,7 @@ def summarise(sweep_dir: Path) -> list[dict]:
     rows = sorted((job_row(d) for d in sweep_dir.iterdir() if (d / ".hydra").is_dir()), key=rank)
     if not rows:
         return rows
-    from hsci import rundir  # imports torch: kept out of start-up, where Hydra makes this callback
+    from hsci.record import rundir  # imports torch: kept out of start-up, where Hydra makes this callback
 
     rundir.write_json(sweep_dir / "sweep_summary.json", {"jobs": rows})
     columns = list(dict.fromkeys(k for row in rows for k in row))

@@ -1,6 +1,7 @@
 """Datasets as their publishers store them: MNIST-style idx files and CIFAR python batches in
 torchvision's layout, fetched when asked and missing, read without running code from them; and a user's
-own image files in class folders, read as what they hold."""
+own image files in class folders, read as what they hold. torchvision and Pillow are imported here when a
+dataset's files are read, not before."""
 
 import contextlib
 import io
@@ -8,22 +9,22 @@ import logging
 import os
 import pickle
 import socket
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.datasets.utils import download_and_extract_archive
+from torch.utils.data import Dataset
 
 from hsci import UserError, flat
+from hsci.parts.datasets import Carving, CropFlip, Images, augmented
 
 log = logging.getLogger("hsci")
 
 
-def idx_files(cls, name: str, root: str, download: bool):
-    """(x_train, y_train, x_test, y_test) of an MNIST-style dataset stored as idx files."""
+def idx_files(cls, name: str, root: str, download: bool) -> Images:
+    """The images of an MNIST-style dataset stored as idx files; `cls` is torchvision's dataset class."""
     root = Path(root).expanduser().resolve()
     folder = root / cls.__name__ / "raw"
     files = [Path(url).stem for url, _ in cls.resources]  # the .gz archives unpack to these
@@ -33,18 +34,20 @@ def idx_files(cls, name: str, root: str, download: bool):
     except (RuntimeError, ValueError, AssertionError, OSError) as e:  # torchvision's reader on a cut or foreign file
         raise UserError(f"data={name}: the idx files in {folder} are not readable ({flat(e)}): delete them and "
                         "download again (data.download=true)") from e
-    return train.data.unsqueeze(1), train.targets, test.data.unsqueeze(1), test.targets  # (N, 1, 28, 28)
+    return Images(name, train.data.unsqueeze(1), train.targets, test.data.unsqueeze(1), test.targets)  # (N, 1, 28, 28)
 
 
-def cifar(cls, name: str, root: str, download: bool, label_key: str):
-    """(x_train, y_train, x_test, y_test) of a CIFAR dataset stored as python-pickle batches."""
+def cifar(cls, name: str, root: str, download: bool, label_key: str) -> Images:
+    """The images of a CIFAR dataset stored as python-pickle batches; `cls` is torchvision's dataset class."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
     root = Path(root).expanduser().resolve()
     folder = root / cls.base_folder
     files = [f for f, _ in cls.train_list + cls.test_list]
     _require(name, folder, files, download,
              lambda: download_and_extract_archive(cls.url, root, filename=cls.filename, md5=cls.tgz_md5))
-    return (*_cifar_batches(name, folder, cls.train_list, label_key),
-            *_cifar_batches(name, folder, cls.test_list, label_key))
+    return Images(name, *_cifar_batches(name, folder, cls.train_list, label_key),
+                  *_cifar_batches(name, folder, cls.test_list, label_key))
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -96,12 +99,67 @@ def _require(name: str, folder: Path, files: list[str], download: bool, fetch: C
                         "set data.root to the folder that holds them, or download with network access")
 
 
+def read_image_folder(root: str, look: tuple[int, int], carving: Carving,
+                      augment: CropFlip | None) -> tuple[Dataset, Dataset, Dataset, list[str]]:
+    """The train, val and test splits of <root>/{train,val,test}/<class>/ as `ImageFiles` of `look` (channels,
+    size), and the class names; a split without its folder is carved from train/ (test first)."""
+    root_dir = Path(root).expanduser().resolve()
+    train_dir = root_dir / "train"
+    if not train_dir.is_dir():
+        raise UserError(f"data=imagefolder: {train_dir} does not exist; expected {root_dir}/train/<class>/*.png|jpg "
+                        "(val/ and test/ optional): set data.root to that folder")
+    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
+    if not classes:
+        raise UserError(f"data=imagefolder: {train_dir} has no class folders; put each class's images in "
+                        f"{train_dir}/<class>/")
+    samples = image_folders(root_dir, classes)
+    train = samples["train"]
+    carved = [split for split in ("test", "val") if split not in samples]  # each needs an image of every class
+    counts = Counter(label for _, label in train)
+    few = next((c for i, c in enumerate(classes) if counts[i] < 1 + len(carved)), None)
+    if few:
+        raise UserError(f"data=imagefolder: class {few} has {counts[classes.index(few)]} image(s) in train/, too few "
+                        f"to carve {' and '.join(carved)} from it (each class needs {1 + len(carved)}): add images to "
+                        f"{train_dir / few}, or give {' and '.join(split + '/' for split in carved)} folders")
+    if "test" not in samples:
+        rest, held = carving.test([label for _, label in train])
+        train, samples["test"] = [train[i] for i in rest], [train[i] for i in held]
+    if "val" not in samples:
+        rest, held = carving.val([label for _, label in train])
+        train, samples["val"] = [train[i] for i in rest], [train[i] for i in held]
+    channels, size = look
+    return (ImageFiles(train, size, channels, augment), ImageFiles(samples["val"], size, channels),
+            ImageFiles(samples["test"], size, channels), classes)
+
+
+class ImageFiles(Dataset):
+    """Image files read on demand, resized and centre-cropped to `size`, as uint8 (C, size, size); keys as
+    hsci/parts/datasets.py's `Tensors` takes them."""
+
+    def __init__(self, samples: list[tuple[str, int]], size: int, channels: int, augment: CropFlip | None = None):
+        from torchvision.transforms import v2
+
+        self.samples, self.mode, self.augment = samples, "L" if channels == 1 else "RGB", augment
+        self.resize = v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        path, label = self.samples[i]
+        x = self.resize(read_image(path, self.mode))
+        return augmented(x, self.augment, seed), label
+
+
 def image_folders(root: Path, classes: list[str]) -> dict[str, list[tuple[str, int]]]:
     """(path, label) of every image under <root>/<split>/<class>/ for the splits present (train, val, test).
 
     Links are followed, but no folder is entered twice, so a link back up (a loop) or into another class
     or split adds nothing; one file (however reached: links, hard links) may sit in one split and one class
     only. A class folder without images is an error, not a class that can never be predicted."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
     splits = [split for split in ("train", "val", "test") if (root / split).is_dir()]
     class_dirs = {(split, c): root / split / c for split in splits for c in classes if (root / split / c).is_dir()}
     reals = sorted((os.path.realpath(d) + os.sep, d) for d in class_dirs.values())  # a folder inside another: next
@@ -127,7 +185,8 @@ def image_folders(root: Path, classes: list[str]) -> dict[str, list[tuple[str, i
             if (split, c) not in class_dirs:
                 continue
             where = f"{split}/{c}"
-            found = _images_under(class_dirs[split, c], entered, os.path.realpath(root), class_reals)
+            found = _images_under(class_dirs[split, c], entered, os.path.realpath(root), class_reals,
+                                   IMG_EXTENSIONS)
             if not found:
                 raise UserError(f"data=imagefolder: {class_dirs[split, c]} holds no images "
                                 f"({', '.join(IMG_EXTENSIONS)}): add some, or remove the folder")
@@ -145,9 +204,11 @@ def image_folders(root: Path, classes: list[str]) -> dict[str, list[tuple[str, i
     return samples
 
 
-def _images_under(folder: Path, entered: set[str], root: str, class_dirs: set[str]) -> list[str]:
-    """Image files under `folder`, sorted; links are followed into folders not `entered` yet that lie neither
-    above the dataset's `root` nor inside another class's folder (whose images are that class's)."""
+def _images_under(folder: Path, entered: set[str], root: str, class_dirs: set[str],
+                  extensions: tuple[str, ...]) -> list[str]:
+    """Image files (ending in one of `extensions`) under `folder`, sorted; links are followed into folders not
+    `entered` yet that lie neither above the dataset's `root` nor inside another class's folder (whose images are
+    that class's)."""
     own = os.path.realpath(folder)
     others = class_dirs - {own}
     found = []
@@ -164,13 +225,15 @@ def _images_under(folder: Path, entered: set[str], root: str, class_dirs: set[st
             entered.add(real)
             keep.append(d)
         dirs[:] = keep
-        found += [os.path.join(here, f) for f in files if f.lower().endswith(IMG_EXTENSIONS)]
+        found += [os.path.join(here, f) for f in files if f.lower().endswith(extensions)]
     return sorted(found)
 
 
-def read_image(path: str, mode: str) -> Image.Image:
+def read_image(path: str, mode: str) -> "Image.Image":
     """An image file as a PIL image in `mode` ("L" or "RGB"), read as what it holds: pixels of more than 8 bits
     are scaled to 8 (their high byte, as Pillow reads 16-bit colour), never clipped to white."""
+    from PIL import Image
+
     try:
         with Image.open(path) as img:
             if img.mode.startswith("I"):  # "I;16*": 16-bit grayscale (PNG, TIFF); "I": 32-bit integers

@@ -21,7 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from hsci import UserError, schema, trust
+from hsci import UserError
+from hsci.parts import schema
+from hsci.record import signing
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
@@ -52,19 +54,19 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 def write_config(run_dir: Path, config: dict) -> None:
-    """Save the run's config as .hydra/config.yaml, signed as this user's (hsci/trust.py)."""
+    """Save the run's config as .hydra/config.yaml, signed as this user's (hsci/record/signing.py)."""
     text = OmegaConf.to_yaml(config).encode()
     (run_dir / ".hydra").mkdir(exist_ok=True)  # absent when hydra.output_subdir=null
     write_atomic(run_dir / ".hydra" / "config.yaml", lambda f: f.write(text))
-    signatures = trust.signatures(run_dir, text)
+    signatures = signing.signatures(run_dir, text)
     if signatures:
-        write_atomic(run_dir / trust.SIGNATURE, lambda f: f.write(signatures.encode()))
+        write_atomic(run_dir / signing.SIGNATURE, lambda f: f.write(signatures.encode()))
 
 
 def load_config(run_dir: Path, changes: list[str], allowed: tuple[str, ...], verb: str) -> DictConfig:
     """A run's saved config (.hydra/config.yaml) with `changes` (key=value) applied to keys starting with `allowed`.
 
-    A config this user's hsci did not sign may name only what hsci's own configs can (hsci/trust.py)."""
+    A config this user's hsci did not sign may name only what hsci's own configs can (hsci/record/signing.py)."""
     path = run_dir / ".hydra" / "config.yaml"
     try:
         text = path.read_bytes()
@@ -81,8 +83,8 @@ def load_config(run_dir: Path, changes: list[str], allowed: tuple[str, ...], ver
             OmegaConf.update(cfg, change.key_or_group, change.value(), merge=False)
     except (OmegaConfBaseException, ValueError) as e:
         raise UserError(f"{verb}: {' '.join(changes)}: {str(e).splitlines()[0]}") from e
-    if not trust.signed(run_dir, text):
-        trust.check(cfg, path, verb)
+    if not signing.signed(run_dir, text):
+        signing.check(cfg, path, verb)
     return cfg
 
 

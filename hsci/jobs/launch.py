@@ -11,8 +11,12 @@ import sys
 import threading
 from typing import Callable
 
-from hsci import interrupt
-from hsci.distributed import RankFailed
+from hsci import UserError, interrupt
+
+
+class RankFailed(UserError):
+    """The run's error as a rank found it (hsci/parts/world.py's `World.blame`), in one line, on its way to the
+    launcher or summary.json."""
 
 
 class Failed(Exception):

@@ -1,6 +1,7 @@
-"""From a composed config to the parts of a run: device, data, loss, model, the input step and the loaders,
-with the speed settings (precision, channels_last, compile, loader) resolved for the device at hand.
-`hsci train`, `hsci eval` and `hsci bench` all build through here."""
+"""From a composed config to the parts of a run: device, data, loss, model, the input step and the loaders, with
+the speed settings (precision, channels_last, compile, loader) resolved for the device at hand (`build`); and
+what a training step changes besides the weights: optimizer, schedule, grad scaler (`optimizing`). `hsci train`,
+`hsci eval` and `hsci bench` all build through here."""
 
 import os
 import random
@@ -15,16 +16,37 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
-from hsci import UserError, config_dir, one_line, report, schema
-from hsci.data import Data
-from hsci.distributed import SINGLE, World
-from hsci.loaders import input_fn, make_loader, pick_loader
-from hsci.schema import check_values
+from hsci import UserError, config_dir, one_line, report
+from hsci.parts import schema
+from hsci.parts.datasets import Data
+from hsci.parts.loaders import eval_loader, input_fn, pick_loader, train_loader
+from hsci.parts.schema import check_values
+from hsci.parts.world import SINGLE, World, on_cuda
 
 # The loss each task trains with, as its config option name: a mismatch is a user error.
 TASK_LOSS = {"multiclass": "cross_entropy", "binary": "bce", "regression": "mse"}
 LOSS_TASK = {nn.CrossEntropyLoss: "multiclass", nn.BCEWithLogitsLoss: "binary", nn.MSELoss: "regression"}
+
+
+@dataclass(frozen=True)
+class Speed:
+    """The speed settings as resolved for the device at hand (summary.json records them)."""
+
+    precision: str  # fp32, bf16 or fp16
+    channels_last: bool
+    loader: str  # gpu or torch
+
+
+@dataclass(frozen=True)
+class Loaders:
+    """A split's batches each: the training loader (hsci's order, augmented) and the evaluation ones."""
+
+    train: object
+    val: object
+    test: object
 
 
 @dataclass
@@ -36,14 +58,14 @@ class Parts:
     loss_fn: nn.Module
     model: nn.Module
     to_input: Callable[[torch.Tensor], torch.Tensor]  # a loader's batch, on the device, to model input
-    amp: Callable  # a fresh autocast context for the chosen precision
-    precision: str  # fp32, bf16 or fp16
-    channels_last: bool
-    loader: str  # gpu or torch
-    train_loader: object
-    val_loader: object
-    test_loader: object
+    speed: Speed
+    loaders: Loaders
     world: World = SINGLE  # this process's rank among the run's processes
+
+    def amp(self) -> torch.autocast:
+        """A fresh autocast context for the chosen precision."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.speed.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def build(cfg: DictConfig, data: Data | None = None, world: World = SINGLE) -> Parts:
@@ -61,15 +83,16 @@ def build(cfg: DictConfig, data: Data | None = None, world: World = SINGLE) -> P
     torch.backends.cudnn.benchmark = not t.deterministic  # fastest kernels, picked per shape
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(t.deterministic, warn_only=True)
+    if t.deterministic or torch.are_deterministic_algorithms_enabled():  # the call imports torch's compiler (seconds)
+        torch.use_deterministic_algorithms(t.deterministic, warn_only=True)
 
     loss_fn = instantiate(cfg.loss)
     downloads = world.size > 1 and bool(cfg.data.get("download"))  # one download, not one per process into a folder
     with world.rank_0_first("data") if downloads else nullcontext():
         data = data or instantiate(cfg.data)
-    if world.size > 1 and len(data.train) <= data.batch_size:
+    if world.size > 1 and len(data.train) <= data.loading.batch_size:
         raise UserError(f"the training split ({len(data.train)} samples) is no larger than data.batch_size="
-                        f"{data.batch_size}: {world.size} processes need full batches to take equal shares of; "
+                        f"{data.loading.batch_size}: {world.size} processes need full batches to take equal shares of; "
                         "use a smaller data.batch_size, or trainer.devices=1")
     check_loss(loss_fn, data.task)
     model = instantiate(cfg.model, input_shape=data.input_shape, num_outputs=data.num_outputs).to(device)
@@ -89,19 +112,36 @@ def build(cfg: DictConfig, data: Data | None = None, world: World = SINGLE) -> P
     if pretrained:
         report.say(f"pretrained weights: inputs resized to {pretrained['size']} px and normalised with the "
                    "weights' mean/std")
-    to_input = input_fn(**{"mean": data.mean, "std": data.std, **pretrained}, device=device,
+    to_input = input_fn(**{"mean": data.scaling.mean, "std": data.scaling.std, **pretrained}, device=device,
                         channels_last=channels_last)
     precision = t.precision.value
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    amp = partial(torch.autocast, device.type, dtype=dtype, enabled=dtype is not None)
-    kind = pick_loader(data.loader, data, device)
-    loader = partial(make_loader, batch_size=data.batch_size, num_workers=data.num_workers, device=device,
-                     seed=cfg.seed, kind=kind, rank=world.rank, ranks=world.size)
-    return Parts(device, data, loss_fn, model, to_input, amp, precision, channels_last, kind,
-                 loader(data.train, train=True), loader(data.val, train=False, limit=t.limit_batches),
-                 loader(data.test, train=False, limit=t.limit_batches), world)
+    kind = pick_loader(data.loading.loader, data, device)
+    evaluated = partial(eval_loader, loading=data.loading, device=device, seed=cfg.seed, kind=kind,
+                        limit=t.limit_batches, world=world)
+    loaders = Loaders(train_loader(data.train, data.loading, device, cfg.seed, kind, world), evaluated(data.val),
+                      evaluated(data.test))
+    return Parts(device, data, loss_fn, model, to_input, Speed(precision, channels_last, kind), loaders, world)
+
+
+@dataclass
+class Optim:
+    """What a step changes besides the weights: the optimizer, its schedule (stepped every step), the fp16 grad
+    scaler, and the norm gradients are clipped to (None: not clipped)."""
+
+    opt: Optimizer
+    sched: LRScheduler
+    scaler: torch.amp.GradScaler
+    grad_clip: float | None = None
+
+
+def optimizing(cfg: DictConfig, parts: Parts, *, epochs: int, steps_per_epoch: int) -> Optim:
+    """The configured optimizer over the model's parameters, its schedule over the run's length, the grad scaler."""
+    opt = instantiate(cfg.optimizer, params=parts.model.parameters())
+    sched = instantiate(cfg.scheduler, opt=opt, epochs=epochs, steps_per_epoch=steps_per_epoch)
+    scaler = torch.amp.GradScaler(parts.device.type, enabled=parts.speed.precision == "fp16")
+    return Optim(opt, sched, scaler, cfg.trainer.grad_clip)
 
 
 
@@ -121,6 +161,23 @@ def pick_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"trainer.device={name} but MPS is not available: use trainer.device=auto or cpu")
     return device
+
+
+def count_devices(choice: int | str, device: str) -> int:
+    """How many processes `trainer.devices` asks for on this machine: `auto` is every visible GPU (one on the
+    CPU); N GPUs must be visible."""
+    cuda = on_cuda(device)
+    count = torch.cuda.device_count() if cuda else 1
+    n = count if choice == "auto" else int(choice)
+    if n > 1 and device.startswith("cuda:"):
+        raise UserError(f"trainer.device={device} names one GPU but trainer.devices={choice}: use trainer.device=cuda "
+                        "(each rank takes cuda:<local rank>), or trainer.devices=1")
+    if n > 1 and device == "mps":
+        raise UserError(f"trainer.devices={choice} on mps: one MPS device trains one process; use trainer.devices=1")
+    if n > 1 and cuda and n > count:
+        raise UserError(f"trainer.devices={choice} but {count} CUDA device(s) are visible: use trainer.devices="
+                        f"{count} or auto, or trainer.device=cpu for CPU processes")
+    return n
 
 
 def check_loss(loss_fn: nn.Module, task: str) -> None:

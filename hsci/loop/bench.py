@@ -1,6 +1,6 @@
 """`hsci bench [key=value ...]`: how fast will this config train on this machine?
 
-It times the composed config's own training step (hsci/step.py's `train_epoch`, with its model, loss,
+It times the composed config's own training step (hsci/loop/step.py's `train_epoch`, with its model, loss,
 optimizer, precision, memory format and compile setting) on synthetic batches of the dataset's shape, so
 it needs no download; then, when the data is present, the loader's own throughput, and says which of the
 two bounds training."""
@@ -12,10 +12,10 @@ import torch
 from hydra.utils import instantiate
 
 from hsci import UserError, report, user_error
-from hsci.build import build, compose
-from hsci.data import Data, Tensors
-from hsci.loaders import make_loader, pick_loader
-from hsci.step import Epoch, Readings, optimizing, peak_memory_gb, reset_peak_memory, train_epoch, warm_up
+from hsci.loop.step import Epoch, Readings, peak_memory_gb, reset_peak_memory, train_epoch, warm_up
+from hsci.parts.build import build, compose, optimizing
+from hsci.parts.datasets import Data, Loading, Scaling, Tensors
+from hsci.parts.loaders import pick_loader, train_loader
 
 
 def run_bench(args: list[str]) -> int:
@@ -53,13 +53,14 @@ def run_bench(args: list[str]) -> int:
     results = {"img_per_s": step_rate, "ms_per_step": 1000 * seconds / steps, "peak_mem_gb": peak_memory_gb(p.device)}
     if compile_s:
         results["compile_s"] = compile_s
-    where = f"{p.device}, {p.precision}, channels_last {p.channels_last}, batch {len(x)}, input {tuple(x.shape[1:])}"
+    where = (f"{p.device}, {p.speed.precision}, channels_last {p.speed.channels_last}, batch {len(x)}, "
+             f"input {tuple(x.shape[1:])}")
     report.metrics_table(f"training step ({where}), synthetic batches", results)
     if data is None:
         report.say(f"loader not measured: {absent}")
         return 0
-    kind = pick_loader(data.loader, data, p.device)
-    loader = make_loader(data.train, data.batch_size, data.num_workers, p.device, train=True, seed=cfg.seed, kind=kind)
+    kind = pick_loader(data.loading.loader, data, p.device)
+    loader = train_loader(data.train, data.loading, p.device, cfg.seed, kind)
     load_rate = loader_rate(loader, p.to_input, p.device, steps)
     report.metrics_table(f"loader ({kind}, to model input on {p.device})", {"img_per_s": load_rate})
     bound = "the loader" if load_rate < step_rate else "the training step"
@@ -78,9 +79,9 @@ def synthetic(cfg, data: Data | None, n: int) -> Data:
             shape, classes = (d.channels, d.image_size, d.image_size), 10
         else:
             raise UserError(f"data: {d._target_} declares no image_shape/num_classes for a run without its files")
-        data = Data(None, None, None, "multiclass", shape, classes, d.batch_size, d.num_workers, d.loader,
-                    tuple(d.mean), tuple(d.std))
-    if data.mean is None:  # tables: standardised features
+        data = Data(None, None, None, "multiclass", shape, classes, Loading(d.batch_size, d.num_workers, d.loader),
+                    Scaling(tuple(d.mean), tuple(d.std)))
+    if data.scaling.mean is None:  # tables: standardised features
         x = torch.randn(n, *data.input_shape)
     else:
         x = torch.randint(0, 256, (n, *data.input_shape), dtype=torch.uint8)

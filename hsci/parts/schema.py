@@ -31,7 +31,7 @@ class Trainer:
     early_stop_patience: Optional[int] = MISSING
     limit_batches: Optional[int] = MISSING
     log_every: int = MISSING
-    channels_last: Any = MISSING  # auto, true or false (checked by hsci/build.py)
+    channels_last: Any = MISSING  # auto, true or false (checked by hsci/parts/build.py)
     compile: Any = MISSING  # false, true or max-autotune
     deterministic: bool = MISSING
     monitor: str = "auto"  # or a recorded validation value (checked below); runs saved before it existed: auto
@@ -60,8 +60,8 @@ def register() -> None:
     ConfigStore.instance().store(name="hsci_schema", node=Config)
 
 
-# The validation values each task records (hsci/evaluate.py's make_metrics; val_top5 past 10 classes): what
-# trainer.monitor may name. A task is known before any work from its loss (hsci/build.py refuses a mismatch).
+# The validation values each task records (hsci/loop/evaluate.py's make_metrics; val_top5 past 10 classes): what
+# trainer.monitor may name. A task is known before any work from its loss (hsci/parts/build.py refuses a mismatch).
 MONITORS = {"multiclass": ("val_loss", "val_acc", "val_precision", "val_recall", "val_f1", "val_top5"),
             "binary": ("val_loss", "val_acc", "val_precision", "val_recall", "val_f1"),
             "regression": ("val_loss", "val_mse", "val_mae", "val_r2")}
@@ -173,7 +173,7 @@ def _check_monitor(cfg: DictConfig, skipped) -> None:
                         f"one of {', '.join(recorded)}")
 
 
-# What hsci passes each group's builder at the call site (hsci/build.py, hsci/train.py): never a config key.
+# What hsci passes each group's builder at the call site (hsci/parts/build.py): never a config key.
 PASSED = {"data": (), "model": ("input_shape", "num_outputs"), "loss": (), "optimizer": ("params",),
           "scheduler": ("opt", "epochs", "steps_per_epoch")}
 HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")  # read by instantiate itself

@@ -1,7 +1,7 @@
-"""The training step and what it carries: the optimizer with its schedule and grad scaler (`Optim`), the epoch
-under way (`Epoch`), and the readings taken every `trainer.log_every` steps (`Readings`).
+"""The training step and what it carries: the epoch under way (`Epoch`), the optimizer with its schedule and grad
+scaler (hsci/parts/build.py's `Optim`), and the readings taken every `trainer.log_every` steps (`Readings`).
 
-`hsci train` (hsci/train.py) runs its epochs through `train_epoch`; `hsci bench` and benchmarks/ time the
+`hsci train` (hsci/loop/train.py) runs its epochs through `train_epoch`; `hsci bench` and benchmarks/ time the
 very same function. The loss stays on the device and is read at readings only.
 """
 
@@ -16,35 +16,13 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig
 from torch import nn
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import default_collate
 
-from hsci import rundir
-from hsci.build import Parts
-from hsci.distributed import SINGLE, World
-
-
-@dataclass
-class Optim:
-    """What a step changes besides the weights: the optimizer, its schedule (stepped every step), the fp16 grad
-    scaler, and the norm gradients are clipped to (None: not clipped)."""
-
-    opt: Optimizer
-    sched: LRScheduler
-    scaler: torch.amp.GradScaler
-    grad_clip: float | None = None
-
-
-def optimizing(cfg: DictConfig, parts: Parts, *, epochs: int, steps_per_epoch: int) -> Optim:
-    """The configured optimizer over the model's parameters, its schedule over the run's length, the grad scaler."""
-    opt = instantiate(cfg.optimizer, params=parts.model.parameters())
-    sched = instantiate(cfg.scheduler, opt=opt, epochs=epochs, steps_per_epoch=steps_per_epoch)
-    scaler = torch.amp.GradScaler(parts.device.type, enabled=parts.precision == "fp16")
-    return Optim(opt, sched, scaler, cfg.trainer.grad_clip)
+from hsci.parts.build import Optim, Parts
+from hsci.parts.world import SINGLE, World
+from hsci.record import rundir
+from hsci.record.resume import Position
 
 
 @dataclass
@@ -63,6 +41,13 @@ class Epoch:
     def start(cls, number: int, stop: int, device: torch.device) -> Epoch:
         """Epoch `number` from its first step."""
         return cls(number, stop, 0, torch.zeros((), device=device), 0, 0)
+
+    @classmethod
+    def after(cls, position: Position, stop: int, device: torch.device) -> Epoch:
+        """The epoch after the last complete one at `position`, from the step it stopped after (a resumed run) or
+        from its start."""
+        return cls(position.epoch + 1, stop, position.step, torch.tensor(position.loss_sum, device=device),
+                   position.seen, seen_first=position.seen)
 
 
 class Diverged(Exception):
@@ -119,8 +104,8 @@ def clip_or_measure(model: nn.Module, optim: Optim) -> torch.Tensor:
 
 class Readings:
     """The numbers of `epoch`'s steps, read off the device every `every` steps and at the epoch's last: the one
-    place they are taken. Each reading is a line in steps.jsonl (when `path` is given) and a line on
-    `progress` (report.epoch_progress: the bar's text on a terminal, a printed line otherwise, and train.log);
+    place they are taken. Each reading is a line in steps.jsonl (when `path` is given) and a line on `progress`
+    (hsci/report.py's epoch_progress: the bar's text on a terminal, a printed line otherwise, and train.log);
     loggers to come hook in here."""
 
     def __init__(self, every: int, epoch: Epoch, path: Path | None = None, progress=None, world: World = SINGLE):

@@ -259,19 +259,19 @@ def job_dir(subdir: str) -> str:
 def _check(config: DictConfig, swept: tuple[str, ...] = ()) -> None:
     """Values that compose but cannot train, and keys no builder takes, are refused before the run directory
     exists; the cheap checks first."""
-    from hsci.schema import check_keys, check_values
+    from hsci.parts.schema import check_keys, check_values
 
     task = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])  # hydra's keys resolve late
     try:
         check_values(task, swept)
         if task.trainer.device not in ("auto", "cpu"):  # is it there? torch can tell (and the run needs it next)
-            from hsci.build import pick_device
+            from hsci.parts.build import pick_device
 
             pick_device(task.trainer.device)
         if task.trainer.devices != 1:  # and that many devices?
-            from hsci.distributed import devices
+            from hsci.parts.build import count_devices
 
-            devices(task.trainer.devices, task.trainer.device)
+            count_devices(task.trainer.devices, task.trainer.device)
         check_keys(config, config.hydra, swept)  # imports the builders, as the run does next
     except UserError as e:
         raise Refused(str(e), 2) from e

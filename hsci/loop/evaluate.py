@@ -1,28 +1,56 @@
-"""Metrics, the evaluation pass over a validation or test split, and `hsci eval`."""
+"""Metrics, the evaluation pass over a validation or test split, and `hsci eval`.
+
+torchmetrics computes the metrics (and sums them over the ranks of a run on several processes). Importing it
+costs seconds, as it imports SciPy and torchvision, so a run imports it when it first evaluates (`Metrics`).
+"""
+
+from __future__ import annotations
 
 import time
-from contextlib import AbstractContextManager
+from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
-from torchmetrics import MetricCollection
-from torchmetrics.classification import (BinaryAccuracy, BinaryF1Score, BinaryPrecision, BinaryRecall,
-                                         MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision,
-                                         MulticlassRecall)
-from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
 
-from hsci import UserError, interrupt, report, rundir
-from hsci.build import build, compose
-from hsci.owner import find_run
-from hsci.data import Data
-from hsci.distributed import SINGLE, World
+from hsci import UserError, interrupt, report
+from hsci.parts.build import Parts, build, compose
+from hsci.parts.datasets import Data
+from hsci.record import rundir
+from hsci.record.owner import find_run
+
+if TYPE_CHECKING:  # torchmetrics is imported when the metrics are made
+    from torchmetrics import MetricCollection
+
+
+def metric_names(task: str, num_outputs: int) -> list[str]:
+    """What `make_metrics` computes for a task, named without importing torchmetrics."""
+    if task == "regression":
+        return ["mse", "mae", "r2"]
+    return ["acc", "precision", "recall", "f1"] + (["top5"] if task == "multiclass" and num_outputs > 10 else [])
+
+
+class Metrics:
+    """A task's metrics on `device`: their `names` at once, the torchmetrics collection when first used."""
+
+    def __init__(self, task: str, num_outputs: int, device: torch.device):
+        self.task, self.num_outputs, self.device = task, num_outputs, device
+        self.names = metric_names(task, num_outputs)
+
+    @cached_property
+    def collection(self) -> MetricCollection:
+        return make_metrics(self.task, self.num_outputs).to(self.device)
 
 
 def make_metrics(task: str, num_outputs: int) -> MetricCollection:
     """Accuracy, precision, recall, F1 (+ top-5 past 10 classes) for classification; MSE, MAE, R^2 for regression."""
+    from torchmetrics import MetricCollection
+    from torchmetrics.classification import (BinaryAccuracy, BinaryF1Score, BinaryPrecision, BinaryRecall,
+                                             MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision,
+                                             MulticlassRecall)
+    from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
+
     if task == "regression":
         return MetricCollection({"mse": MeanSquaredError(), "mae": MeanAbsoluteError(), "r2": R2Score()})
     if task == "binary":
@@ -37,12 +65,12 @@ def make_metrics(task: str, num_outputs: int) -> MetricCollection:
     return MetricCollection(metrics)
 
 
-def monitor(choice: str, task: str, metrics: MetricCollection) -> tuple[str, str]:
+def monitor(choice: str, task: str, metrics: Metrics) -> tuple[str, str]:
     """The validation value that picks the best checkpoint and drives early stopping (`trainer.monitor`), and
     whether higher ("max") or lower ("min") is better: `auto` is accuracy for classification and the loss for
     regression; losses and errors are better lower, every other metric higher."""
     key = ("val_loss" if task == "regression" else "val_acc") if choice == "auto" else choice
-    recorded = ["val_loss", *(f"val_{name}" for name in metrics)]
+    recorded = ["val_loss", *(f"val_{name}" for name in metrics.names)]
     if key not in recorded:
         raise UserError(f"trainer.monitor={choice} is not recorded for this {task} dataset: use auto or one of "
                         + ", ".join(recorded))
@@ -53,31 +81,31 @@ def lower_is_better(key: str) -> bool:
     return key.endswith(("loss", "mse", "mae"))
 
 
-@torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader, data: Data, loss_fn: nn.Module, metrics: MetricCollection,
-             to_input: Callable, amp: Callable[[], AbstractContextManager],
-             world: World = SINGLE) -> dict[str, float] | None:
-    """Mean loss and metrics of `model` over `loader`, read once at the end; None when a stop signal arrives
+def evaluate(parts: Parts, loader: DataLoader, metrics: Metrics) -> dict[str, float] | None:
+    """Mean loss and metrics of `parts.model` over `loader`, read once at the end; None when a stop signal arrives
     first. With several ranks, each evaluates its part of the split and the sums are taken over all of them."""
+    model, world = parts.model, parts.world
+    collection = metrics.collection  # made outside inference mode, as before this function ran in it
     model.eval()
-    metrics.reset()
     device = next(model.parameters()).device
-    loss_sum, n = torch.zeros((), device=device), torch.zeros((), device=device)
-    for x, y in loader:
-        x, y = to_input(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-        with amp():
-            out = model(x)
-            loss_sum += loss_fn(out, y).float() * len(y)
-        n += len(y)
-        metrics.update(*_predictions(out.float(), y, data))
-        if interrupt.requested():
-            break
-    if world.stop():  # every rank agrees, once its part is done or it got the signal
-        return None
-    loss_sum, n = world.total(torch.stack([loss_sum, n])).tolist()
-    if n == 0:
-        raise UserError("nothing to evaluate: the split is empty")
-    return {"loss": loss_sum / n, **{k: v.item() for k, v in metrics.compute().items()}}  # compute() sums over ranks
+    with torch.inference_mode():
+        collection.reset()
+        loss_sum, n = torch.zeros((), device=device), torch.zeros((), device=device)
+        for x, y in loader:
+            x, y = parts.to_input(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+            with parts.amp():
+                out = model(x)
+                loss_sum += parts.loss_fn(out, y).float() * len(y)
+            n += len(y)
+            collection.update(*_predictions(out.float(), y, parts.data))
+            if interrupt.requested():
+                break
+        if world.stop():  # every rank agrees, once its part is done or it got the signal
+            return None
+        loss_sum, n = world.total(torch.stack([loss_sum, n])).tolist()
+        if n == 0:
+            raise UserError("nothing to evaluate: the split is empty")
+        return {"loss": loss_sum / n, **{k: v.item() for k, v in collection.compute().items()}}  # summed over ranks
 
 
 def _predictions(out: torch.Tensor, y: torch.Tensor, data: Data) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +113,8 @@ def _predictions(out: torch.Tensor, y: torch.Tensor, data: Data) -> tuple[torch.
     if data.task == "binary":
         return out.sigmoid().squeeze(1), y.squeeze(1).long()
     if data.task == "regression":  # back to the dataset's own units
-        return (out.squeeze(1) * data.target_std + data.target_mean), (y.squeeze(1) * data.target_std + data.target_mean)
+        mean, std = data.scaling.target_mean, data.scaling.target_std
+        return out.squeeze(1) * std + mean, y.squeeze(1) * std + mean
     return out, y
 
 
@@ -110,9 +139,8 @@ def run_eval(args: list[str]) -> int:
     state = rundir.load_checkpoint(checkpoint)
     p = build(cfg)
     rundir.load_weights(p.model, state.get("model", state), checkpoint)  # an hsci checkpoint or a bare state dict
-    metrics = make_metrics(p.data.task, p.data.num_outputs).to(p.device)
-    results = evaluate(p.model, p.test_loader if split == "test" else p.val_loader, p.data, p.loss_fn, metrics,
-                       p.to_input, p.amp)
+    results = evaluate(p, p.loaders.test if split == "test" else p.loaders.val, Metrics(p.data.task, p.data.num_outputs,
+                                                                                     p.device))
     report.metrics_table(f"{split} split, {checkpoint}", results)
     if out:
         rundir.write_json(out, {"split": split, "checkpoint": str(checkpoint), "metrics": results,

@@ -8,14 +8,14 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from hsci import UserError, distributed, rundir
-from hsci.build import Parts, pick_device
-from hsci.schema import check_values
-from hsci.step import Epoch, Optim
+from hsci import UserError
+from hsci.parts.build import Optim, Parts, pick_device
+from hsci.parts.schema import check_values
+from hsci.parts.world import World
+from hsci.record import rundir
 
 # What a resumed run may change: where the data lives and how the loop runs, never the experiment.
 RESUMABLE = ("trainer.", "data.root", "data.download", "data.num_workers")
@@ -33,11 +33,6 @@ class Position:
     seen: int = 0
     best_record: dict = field(default_factory=dict)
     stale: int = 0
-
-    def next_epoch(self, stop: int, device: torch.device) -> Epoch:
-        """The epoch after the last complete one, from the step it stopped after (a resumed run) or from its start."""
-        return Epoch(self.epoch + 1, stop, self.step, torch.tensor(self.loss_sum, device=device), self.seen,
-                     seen_first=self.seen)
 
 
 # What a last.pt holds to carry on exactly: the state of everything that changes, and the Position.
@@ -93,7 +88,7 @@ def restore(state: dict, model: nn.Module, optim: Optim, source: Path) -> Positi
     return Position(**{f.name: state[f.name] for f in fields(Position)})
 
 
-def checkpoint(parts: Parts, optim: Optim, position: Position, config: dict, world: distributed.World) -> dict:
+def checkpoint(parts: Parts, optim: Optim, position: Position, config: dict, world: World) -> dict:
     """Everything to carry on exactly from `position` (the model's own weights, as one process has them: every
     rank holds the same), the number of processes that trained it, and the run's config."""
     return {"model": parts.model.state_dict(), "optimizer": optim.opt.state_dict(),

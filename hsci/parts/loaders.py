@@ -1,4 +1,5 @@
-"""Feeding a `Data` bundle to the device: DataLoaders, and the on-device step from a batch to model input."""
+"""Feeding a `Data` bundle to the device: DataLoaders or the on-device loader, and the on-device step from a batch
+to model input."""
 
 import atexit
 import gc
@@ -14,7 +15,8 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler, Subset
 
 from hsci import UserError
-from hsci.data import Tensors, crop_flip
+from hsci.parts.datasets import Data, Loading, Tensors, crop_flip
+from hsci.parts.world import SINGLE, World
 
 
 def share(batch, rank: int, ranks: int):
@@ -105,7 +107,7 @@ class DeviceLoader:
             yield x, self.y[batch]
 
 
-def pick_loader(choice: str, data, device: torch.device) -> str:
+def pick_loader(choice: str, data: Data, device: torch.device) -> str:
     """`gpu` or `torch` for data.loader=`choice`; `auto` takes gpu on CUDA when the set is held in memory and
     fits within a quarter of the device's free memory."""
     in_memory = all(isinstance(split, Tensors) for split in (data.train, data.val, data.test))
@@ -122,29 +124,39 @@ def pick_loader(choice: str, data, device: torch.device) -> str:
     return "gpu" if size < torch.cuda.mem_get_info(device)[0] / 4 else "torch"
 
 
-def make_loader(dataset: Dataset, batch_size: int, num_workers: int | str, device: torch.device, *,
-                train: bool, seed: int, kind: str = "torch", limit: int | None = None, rank: int = 0,
-                ranks: int = 1) -> DataLoader | DeviceLoader:
-    """A DeviceLoader for kind `gpu`; else a DataLoader whose training batches come from an `EpochSampler`
-    (a ragged last one dropped); an in-memory set is fetched a whole batch at a time.
-
-    `batch_size` is the global batch: with `ranks` ranks, a training loader gives rank `rank` its share of
-    every batch, and an evaluation loader its consecutive part of the split (of its first `limit` batches),
-    so that the ranks count each sample once."""
-    if not train:  # this rank's part of the split, in batches of its share of the global batch
-        mine = share(range(min(len(dataset), limit * batch_size) if limit else len(dataset)), rank, ranks)
-        if len(mine) < len(dataset):
-            dataset = (Tensors(dataset.x[mine.start:mine.stop], dataset.y[mine.start:mine.stop])
-                       if isinstance(dataset, Tensors) else Subset(dataset, mine))
-        batch_size = max(1, batch_size // ranks)
+def train_loader(dataset: Dataset, loading: Loading, device: torch.device, seed: int, kind: str = "torch",
+                 world: World = SINGLE) -> DataLoader | DeviceLoader:
+    """The training batches: a DeviceLoader for kind `gpu`, else a DataLoader whose batches come from an
+    `EpochSampler` (a ragged last one dropped). `loading.batch_size` is the global batch: each rank of `world`
+    takes its `share` of every batch."""
     if kind == "gpu":
-        return DeviceLoader(dataset, batch_size, device, train=train, seed=seed, rank=rank if train else 0,
-                            ranks=ranks if train else 1)
-    workers = min(8, os.cpu_count() or 1) if num_workers == "auto" else int(num_workers)
-    drop_last = train and len(dataset) > batch_size  # a batch of one breaks batch norm
-    batches = (EpochSampler(len(dataset), batch_size, drop_last, seed, getattr(dataset, "augment", None) is not None,
-                            rank, ranks)
-               if train else BatchSampler(SequentialSampler(dataset), batch_size, drop_last=False))
+        return DeviceLoader(dataset, loading.batch_size, device, train=True, seed=seed, rank=world.rank,
+                            ranks=world.size)
+    drop_last = len(dataset) > loading.batch_size  # a batch of one breaks batch norm
+    batches = EpochSampler(len(dataset), loading.batch_size, drop_last, seed,
+                           getattr(dataset, "augment", None) is not None, world.rank, world.size)
+    return _data_loader(dataset, batches, loading, device, seed)
+
+
+def eval_loader(dataset: Dataset, loading: Loading, device: torch.device, seed: int, kind: str = "torch",
+                limit: int | None = None, world: World = SINGLE) -> DataLoader | DeviceLoader:
+    """An evaluation split in order: this rank's consecutive part of it (of its first `limit` batches), in
+    batches of its share of the global batch, so that the ranks count each sample once."""
+    mine = share(range(min(len(dataset), limit * loading.batch_size) if limit else len(dataset)), world.rank,
+                 world.size)
+    if len(mine) < len(dataset):
+        dataset = (Tensors(dataset.x[mine.start:mine.stop], dataset.y[mine.start:mine.stop])
+                   if isinstance(dataset, Tensors) else Subset(dataset, mine))
+    batch_size = max(1, loading.batch_size // world.size)
+    if kind == "gpu":
+        return DeviceLoader(dataset, batch_size, device, train=False, seed=seed)
+    batches = BatchSampler(SequentialSampler(dataset), batch_size, drop_last=False)
+    return _data_loader(dataset, batches, loading, device, seed)
+
+
+def _data_loader(dataset: Dataset, batches: Sampler, loading: Loading, device: torch.device, seed: int) -> DataLoader:
+    """A DataLoader of `batches` (lists of keys); an in-memory set is fetched a whole batch at a time."""
+    workers = min(8, os.cpu_count() or 1) if loading.num_workers == "auto" else int(loading.num_workers)
     common = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
               "worker_init_fn": _worker_init,
               "generator": torch.Generator().manual_seed(seed)}  # worker seeds; the global generator stays untouched

@@ -1,4 +1,5 @@
-"""Which run directories hsci builds from as they are, and `hsci trust run=<dir>`.
+"""Which run directories hsci builds from as they are: signatures of this user's configs, and the check a config
+from elsewhere must pass.
 
 A run's `.hydra/config.yaml` names what to build (`_target_`), and building runs code: a run directory
 received from someone else could name `shutil.copyfile` as its model. So hsci signs every config it saves
@@ -6,7 +7,8 @@ with a key of this user's (an HMAC-SHA256 of the file's bytes, in `.hydra/config
 random bytes made on first use in `~/.config/hsci/key`, or under $XDG_CONFIG_HOME, readable by this user
 only). `eval` and `resume` build a signed config as it is; any other config may name only what hsci's own
 configs can: hsci's builders and torch/torchvision models, losses, optimizers and schedulers.
-`hsci trust run=<dir>` signs a run that the user has read and trusts, so that it builds as their own.
+`hsci trust run=<dir>` (hsci/record/trust.py) signs a run that the user has read and trusts, so that it builds as
+their own.
 """
 
 import hashlib
@@ -89,8 +91,8 @@ def signed(run_dir: Path, text: bytes) -> bool:
 def check(cfg: DictConfig, path: Path, verb: str) -> None:
     """Refuse a config from elsewhere that names anything hsci's own configs cannot, or that holds an
     interpolation (resolvers can make folders; hsci saves configs resolved)."""
-    values = list(_walk(OmegaConf.to_container(cfg, resolve=False)))
-    hidden = _interpolation(values)
+    values = list(walk(OmegaConf.to_container(cfg, resolve=False)))
+    hidden = interpolation(values)
     if hidden:
         raise UserError(f"{verb}: refusing {path}: {hidden[0]} holds an interpolation ({hidden[1][:60]}), which hsci "
                         f"never saves; {_HINT.format(run=path.parent.parent)}")
@@ -103,19 +105,19 @@ def check(cfg: DictConfig, path: Path, verb: str) -> None:
 _HINT = "if you trust this run directory, run hsci trust run={run} first (README: Untrusted files)"
 
 
-def _interpolation(values: list) -> tuple[str, str] | None:
-    """(where, text) of the first interpolation among a config's `_walk`ed values, if any."""
+def interpolation(values: list) -> tuple[str, str] | None:
+    """(where, text) of the first interpolation among a config's `walk`ed values, if any."""
     return next(((f"{where}{key}", value) for where, key, value in values
                  if isinstance(value, str) and "${" in value), None)
 
 
-def _walk(node, where: str = ""):
+def walk(node, where: str = ""):
     """(path to the node, key, value) for every value in a config's plain container."""
     items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
     for key, value in items:
         yield where, key, value
         if isinstance(value, (dict, list)):
-            yield from _walk(value, f"{where}{key}.")
+            yield from walk(value, f"{where}{key}.")
 
 
 def allowed(target: str) -> bool:
@@ -129,7 +131,6 @@ def allowed(target: str) -> bool:
     if target.split(".")[0] not in ("torch", "torchvision"):
         return False
     import torch
-    import torchvision.models
     from hydra.utils import get_object
 
     try:
@@ -138,29 +139,6 @@ def allowed(target: str) -> bool:
         return False
     if inspect.isclass(obj):
         return issubclass(obj, (torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler))
+    import torchvision.models  # a function: torchvision's model builders are the only ones allowed
+
     return any(obj is torchvision.models.get_model_builder(m) for m in torchvision.models.list_models())
-
-
-def run_trust(args: list[str]) -> int:
-    """`hsci trust run=<run dir>`: sign a run directory's config as this user's."""
-    from hsci import rundir
-    from hsci.owner import find_run
-
-    if len(args) != 1 or not args[0].startswith("run="):
-        raise UserError("usage: hsci trust run=<run dir> (signs its .hydra/config.yaml as yours: read it first)")
-    run = find_run(args[0].split("=", 1)[1], "run")
-    path = run / ".hydra" / "config.yaml"
-    text = path.read_bytes()
-    try:
-        config = OmegaConf.to_container(OmegaConf.create(text.decode()), resolve=False)
-    except Exception as e:  # not YAML, or not a mapping: nothing hsci could build from
-        raise UserError(f"trust: cannot read {path} ({flat(e)[:200]})") from e
-    values = list(_walk(config))
-    hidden = _interpolation(values)
-    if hidden:  # what an interpolation builds cannot be read off the file
-        raise UserError(f"trust: {path} holds an interpolation at {hidden[0]}, which hsci never saves and whose "
-                        "result cannot be read off the file: remove or resolve it, then trust the run")
-    rundir.write_atomic(run / SIGNATURE, lambda f: f.write(signatures(run, text, add=True).encode()))
-    targets = sorted({str(value) for _, key, value in values if key == "_target_"})
-    print(f"trusted {run}: eval and resume will build what its config names: {', '.join(targets)}")
-    return 0

@@ -1,0 +1,5 @@
+"""How a training job runs: one job of `hsci train` and its recorded outcome (job), one run on many processes
+(ranks, launch), and many jobs: a sweep through Hydra's launchers (sweep).
+
+Imports: everything below the door (the base, the parts, the record, the loop) and each other; never the door.
+"""

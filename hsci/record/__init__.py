@@ -1,0 +1,10 @@
+"""The record: a run directory and what is written into it.
+
+- rundir: summary.json, metrics.jsonl, checkpoints and the saved config, each written safely
+- owner: which process owns a run directory, and which directory a run or a sweep gets (Hydra's `Guard` callback)
+- signing, trust: which run directories build as they are, and `hsci trust`
+- resume: what last.pt records and how a run is put back where it stopped
+
+Imports: the base (`hsci`, `hsci.interrupt`, `hsci.report`), the parts, and each other; never the loop, the jobs or
+the door.
+"""
