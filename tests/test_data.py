@@ -1,5 +1,6 @@
 """Loading datasets from small files written in their real on-disk formats; splits; augmentation; input step."""
 
+import math
 import os
 import pickle
 
@@ -13,6 +14,7 @@ from conftest import write_cifar, write_idx, write_imagefolder
 from hsci import UserError, user_error
 from hsci.parts.datafiles import read_image
 from hsci.parts.loaders import input_fn
+from hsci.parts.splits import carve
 
 
 def load(cfg_of, option, *overrides):
@@ -225,3 +227,27 @@ def test_an_empty_class_folder_is_an_error(cfg_of, tmp_path):
     message = load_error(cfg_of, "imagefolder", f"data.root={tmp_path}")
     assert f"{tmp_path / 'train' / 'wolf'} holds no images" in message
 
+
+def test_carved_splits_are_scikit_learns_train_test_split():
+    # hsci carves without importing scikit-learn, and must carve what it always has: scikit-learn's split (stratified
+    # where every class has two samples, at random otherwise), on label sets of every shape.
+    from sklearn.model_selection import train_test_split
+
+    rng = np.random.default_rng(0)
+    for case in range(300):
+        n, classes = int(rng.integers(2, 300)), int(rng.integers(1, 12))
+        labels = rng.integers(0, classes, n)
+        fraction, seed, stratify = float(rng.uniform(0.05, 0.6)), int(rng.integers(2**31)), bool(case % 4)
+        idx = np.arange(n)
+        held = max(math.ceil(fraction * n), len(np.unique(labels))) if stratify else fraction
+        try:
+            expected = train_test_split(idx, test_size=held, random_state=seed, stratify=labels if stratify else None)
+        except ValueError:  # too few per class to stratify (or no room)
+            try:
+                expected = train_test_split(idx, test_size=fraction, random_state=seed)
+            except ValueError:
+                with pytest.raises(UserError, match="too small"):
+                    carve(labels, fraction, seed, stratify)
+                continue
+        kept, out = carve(labels, fraction, seed, stratify)
+        assert np.array_equal(kept, np.sort(expected[0])) and np.array_equal(out, np.sort(expected[1])), case
