@@ -37,10 +37,12 @@ def at_once(signum: int, frame) -> None:
 
 
 @contextmanager
-def caught(again_at_once: bool = True, stops: tuple[int, ...] = STOPS) -> Iterator[None]:
+def caught(again_at_once: bool = True, stops: tuple[int, ...] = STOPS, quiet: bool = False) -> Iterator[None]:
     """While inside, the first stop signal is recorded instead of ending the process. A second one acts at once,
     unless `again_at_once` is false: a rank of a run on several devices hears a Ctrl-C from the terminal and
-    again from its launcher, and leaves quitting at once to the launcher (which kills it past its timeout)."""
+    again from its launcher, and leaves quitting at once to the launcher (which kills it past its timeout).
+    `quiet`: the signal is not announced on stderr (hsci's launcher announces it for its ranks, and stops them
+    with one when another rank failed)."""
 
     def handler(signum: int, frame) -> None:
         if received and not again_at_once:
@@ -50,8 +52,9 @@ def caught(again_at_once: bool = True, stops: tuple[int, ...] = STOPS) -> Iterat
             signal.signal(signal.SIGINT, at_once)  # a second one: KeyboardInterrupt at once
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGHUP, signal.SIG_DFL)
-        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step and saving"
-                         + (" (Ctrl-C again to quit at once)\n" if again_at_once else "\n"))
+        if not quiet:
+            sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step and saving"
+                             + (" (Ctrl-C again to quit at once)\n" if again_at_once else "\n"))
 
     previous = {s: signal.getsignal(s) for s in stops}
     if not received:

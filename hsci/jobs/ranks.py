@@ -73,7 +73,7 @@ def as_rank(run_dir: str, resumed: bool, started: float, launcher: int) -> None:
     """One rank, started by the elastic launcher (process `launcher`): the run in `run_dir` from its saved config."""
     hsci.STARTED, run_dir = started, Path(run_dir)  # startup_s counts from the launcher's start
     hsci.best_effort()  # the launcher's console: a pipe that closes fails no rank
-    with rank_stops():
+    with rank_stops(quiet=True):  # the launcher announces a stop signal itself
         cfg = rundir.load_config(run_dir, [], (), "train")
         world = join(cfg.trainer.device, cfg.trainer.dist_timeout_s)
         take_part(cfg, run_dir, resumed, world)
@@ -115,15 +115,15 @@ def take_part(cfg: DictConfig, run_dir: Path, resumed: bool, world: World) -> No
         rundir.write_json(path, json.loads(path.read_text()) | results)
 
 
-def rank_stops():
+def rank_stops(quiet: bool = False):
     """A rank's stop signals, from its start: the first is recorded (all ranks stop at the same step), the rest
     ignored, for the launcher to end the ranks at once. In a submitit job, submitit's preemption signal stops a
-    rank and SIGTERM is ignored, as submitit has it."""
+    rank and SIGTERM is ignored, as submitit has it. `quiet`: the rank does not announce the signal."""
     preempt = interrupt.preemption()
     if preempt:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        return interrupt.caught(again_at_once=False, stops=(signal.SIGINT, signal.SIGHUP, preempt))
-    return interrupt.caught(again_at_once=False)
+        return interrupt.caught(again_at_once=False, stops=(signal.SIGINT, signal.SIGHUP, preempt), quiet=quiet)
+    return interrupt.caught(again_at_once=False, quiet=quiet)
 
 
 def rank_failed(e: Exception, world: World, run_dir: Path) -> RankFailed:
