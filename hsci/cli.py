@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
             return one_line_errors(trust.run_trust, rest)
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (or a second one inside): stop, in one line
         return fail("stopped by Ctrl-C", 128 + signal.SIGINT)
+    except Exception:
+        if interrupt.stopped_at_once():  # a Ctrl-C that Python turned into another error (in an import, say)
+            return fail("stopped by Ctrl-C", 128 + signal.SIGINT)
+        raise
     return fail(f"unknown command '{verb}'; commands: {', '.join(VERBS)} (see hsci --help)", 2)
 
 
@@ -89,6 +93,8 @@ def one_line_errors(verb, args: list[str]) -> int:
     try:
         return verb(args)
     except Exception as e:
+        if interrupt.stopped_at_once():  # a Ctrl-C that Python turned into another error where it landed
+            return fail("stopped by Ctrl-C", 128 + signal.SIGINT)
         cause = user_error(e)
         return fail(str(cause) if cause else f"{type(e).__name__}: {flat(e)}")
 

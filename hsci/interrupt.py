@@ -31,9 +31,20 @@ def exit_code() -> int:
 
 
 def at_once(signum: int, frame) -> None:
-    """Ctrl-C that stops at once: KeyboardInterrupt, with further Ctrl-Cs ignored so none cuts the stop short."""
+    """Ctrl-C that stops at once: KeyboardInterrupt, with further Ctrl-Cs ignored so none cuts the stop short.
+    Where it lands, Python may turn it into another error (inside an import, a class being made: "Error calling
+    __set_name__"), so it is recorded too, for `stopped_at_once` to tell."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    quit_now.append(signum)
     raise KeyboardInterrupt
+
+
+quit_now: list[int] = []  # Ctrl-Cs that stopped this process at once
+
+
+def stopped_at_once() -> bool:
+    """Whether a Ctrl-C stopped this process at once (`at_once`): what went wrong after it is its doing."""
+    return bool(quit_now)
 
 
 @contextmanager

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import hsci, summary_of
+from hsci import interrupt
+from hsci.cli import one_line_errors
 from hsci.record import rundir
 from hsci.record.owner import owner
 
@@ -154,3 +156,25 @@ def test_ctrl_c_during_eval_or_bench_is_one_line(finished, tmp_path):
         # Ctrl-C landed in code that torch's import runs through PyRun_*, even once the exception was handled.
         assert result.returncode in (130, -signal.SIGINT)
         assert result.stderr.strip() == "error: stopped by Ctrl-C"
+
+
+def test_a_ctrl_c_that_python_turned_into_another_error_is_still_a_ctrl_c(capsys):
+    # Landing inside a class's creation (an import), Python 3.11 wraps the KeyboardInterrupt in a RuntimeError.
+    def verb(args: list[str]) -> int:
+        try:
+            interrupt.at_once(signal.SIGINT, None)
+        except KeyboardInterrupt:
+            raise RuntimeError("Error calling __set_name__ on 'Field' instance 'choices' in 'RuntimeConf'") from None
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        assert one_line_errors(verb, []) == 130
+    finally:
+        signal.signal(signal.SIGINT, before)
+        interrupt.quit_now.clear()
+    assert capsys.readouterr().err == "error: stopped by Ctrl-C\n"
+
+    def failing(args: list[str]) -> int:  # the same error without a Ctrl-C is an error
+        raise RuntimeError("Error calling __set_name__")
+
+    assert one_line_errors(failing, []) == 1 and "RuntimeError: Error calling __set_name__" in capsys.readouterr().err
