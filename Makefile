@@ -19,11 +19,11 @@ $(READY): pyproject.toml
 run: setup  ## train the default experiment (digits, cnn) on this machine
 	$(BIN)/hsci train $(ARGS)
 
-test: setup  ## the fast tests (a few minutes on two CPU cores)
-	$(BIN)/python -m pytest -m "not slow" -q
+test: setup  ## the fast tests (a few minutes on two CPU cores), one worker per core
+	$(BIN)/python -m pytest -m "not slow" -q -n auto --dist worksteal
 
 test-all: setup  ## every test, slow ones included
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist worksteal
 
 smoke: setup  ## a seconds-long run through every stage
 	$(BIN)/hsci train experiment=smoke

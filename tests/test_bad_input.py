@@ -7,7 +7,6 @@ import shutil
 import struct
 import zipfile
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -285,23 +284,10 @@ BEFORE_ANY_WORK = ["zero epochs", "negative batch size", "negative learning rate
                    "a monitor this task does not record", "top-5 accuracy of ten classes"]
 
 
-@pytest.fixture(scope="module")
-def outcomes(tmp_path_factory, finished) -> dict:
-    """Every case run once, two at a time (each is a process start, mostly importing torch)."""
-
-    def run(case: str):
-        args, setup, _ = CASES[case]
-        cwd = tmp_path_factory.mktemp(case.replace(" ", "_").replace("/", "_")[:40])
-        return cwd, hsci(*args, *(setup(cwd, finished) if setup else []), cwd=cwd)
-
-    with ThreadPoolExecutor(2) as pool:
-        return dict(zip(CASES, pool.map(run, CASES)))
-
-
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_fails_in_one_clear_line(case, outcomes):
-    tmp_path, result = outcomes[case]
-    expected = CASES[case][2]
+def test_bad_input_fails_in_one_clear_line(case, tmp_path, finished):
+    args, setup, expected = CASES[case]
+    result = hsci(*args, *(setup(tmp_path, finished) if setup else []), cwd=tmp_path)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
@@ -347,9 +333,8 @@ def test_a_checkpoint_that_would_run_code_is_refused_by_eval_and_resume(tmp_path
     run = broken_run(finished, tmp_path)
     os.replace(evil, run / "checkpoints" / "last.pt")
     evil = run / "checkpoints" / "last.pt"
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda args: hsci(*args, cwd=tmp_path),
-                                (["eval", f"checkpoint={evil}", "model=cnn"], ["train", f"resume={run}"])))
+    results = [hsci(*args, cwd=tmp_path) for args in (["eval", f"checkpoint={evil}", "model=cnn"],
+                                                      ["train", f"resume={run}"])]
     for result in results:
         assert result.returncode == 1
         [line] = result.stderr.strip().splitlines()

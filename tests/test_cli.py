@@ -36,10 +36,9 @@ def test_unknown_command_fails_in_one_line(tmp_path):
     assert "unknown command 'trian'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_smoke_run_writes_a_complete_run_directory(tmp_path):
-    result = hsci("train", "experiment=smoke", cwd=tmp_path)
+def test_smoke_run_writes_a_complete_run_directory(smoke):
+    run, result = smoke  # hsci train experiment=smoke
     assert result.returncode == 0, result.stderr
-    [run] = run_dirs(tmp_path)
     assert run.name.endswith("_digits_cnn")
     for path in [".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "metrics.jsonl", "steps.jsonl",
                  "checkpoints/best.pt", "checkpoints/last.pt", "summary.json"]:

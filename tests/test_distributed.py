@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import hsci, run_dirs, summary_of
+from conftest import hsci, hsci_process, once, run_dirs, summary_of
 from hsci.parts.datasets import CropFlip, Loading, Tensors
 from hsci.parts.loaders import DeviceLoader, EpochSampler, eval_loader
 from hsci.parts.world import World
@@ -58,12 +58,14 @@ def close(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def one_process(tmp_path_factory) -> Path:
-    cwd = tmp_path_factory.mktemp("one")
-    result = hsci("train", *PLAIN, "trainer.epochs=2", cwd=cwd)
-    assert result.returncode == 0, result.stderr
-    return run_dirs(cwd)[0]
+    def make(cwd: Path) -> dict:
+        result = hsci("train", *PLAIN, "trainer.epochs=2", cwd=cwd)
+        assert result.returncode == 0, result.stderr
+        return {"run": str(run_dirs(cwd)[0])}
+
+    return Path(once(tmp_path_factory, "one_process", make)["run"])
 
 
 def test_shares_of_each_batch_side_by_side_are_the_batch_one_process_takes():
@@ -85,7 +87,7 @@ def test_shares_of_each_batch_side_by_side_are_the_batch_one_process_takes():
 
 
 def test_two_processes_train_what_one_does_in_one_run_directory(one_process, tmp_path):
-    result = hsci("train", *TWO, "trainer.epochs=2", cwd=tmp_path)
+    result = hsci_process("train", *TWO, "trainer.epochs=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     [run] = run_dirs(tmp_path)  # one directory, made once
     summary, alone = summary_of(run), summary_of(one_process)
@@ -124,7 +126,7 @@ def test_sigterm_stops_every_rank_at_one_step_and_resume_is_exact(tmp_path):
     assert summary["status"] == "interrupted" and f"resume with: hsci train resume={run}" in summary["error"], summary
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["world_size"] == 2 and state["epoch"] < 5
-    resumed = hsci("train", f"resume={run}", cwd=cwd)
+    resumed = hsci_process("train", f"resume={run}", cwd=cwd)
     assert resumed.returncode == 0, resumed.stderr
     assert summary_of(run)["test"] == summary_of(reference)["test"]
     assert all(torch.equal(a, b) for a, b in zip(weights(run, "last.pt").values(), weights(reference, "last.pt").values()))
@@ -146,8 +148,8 @@ def test_sigterm_stops_every_rank_at_one_step_and_resume_is_exact(tmp_path):
 def test_a_rank_that_fails_ends_the_job_as_failed_with_its_error(tmp_path):
     (tmp_path / "faults.py").write_text(FAULTS)
     start = time.monotonic()
-    result = hsci("train", *TWO, "data._target_=faults.digits_failing_on_rank_1", cwd=tmp_path, timeout=120,
-                  env={"PYTHONPATH": str(tmp_path)})
+    result = hsci_process("train", *TWO, "data._target_=faults.digits_failing_on_rank_1", cwd=tmp_path, timeout=120,
+                          env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 1 and time.monotonic() - start < 60
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     [line] = result.stderr.strip().splitlines()
@@ -197,8 +199,9 @@ def test_under_torchrun_a_refused_run_ends_every_rank_at_once(tmp_path):
 @pytest.mark.slow
 def test_a_nan_in_one_rank_share_makes_the_run_diverged_on_every_rank(tmp_path):
     (tmp_path / "faults.py").write_text(FAULTS)
-    result = hsci("train", "data=breast_cancer", "model=mlp", "trainer.device=cpu", "trainer.devices=2",
-                  "data._target_=faults.table_with_a_nan", cwd=tmp_path, timeout=120, env={"PYTHONPATH": str(tmp_path)})
+    result = hsci_process("train", "data=breast_cancer", "model=mlp", "trainer.device=cpu", "trainer.devices=2",
+                          "data._target_=faults.table_with_a_nan", cwd=tmp_path, timeout=120,
+                          env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 1, result.stderr
     [run] = run_dirs(tmp_path)
     summary = summary_of(run)

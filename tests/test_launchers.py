@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from conftest import hsci, summary_of
+from conftest import hsci, hsci_process, once, summary_of
 from hsci import Refused, config_dir
 from hsci.parts import schema
 from hsci.record.owner import job_dir, requeued
@@ -45,14 +44,16 @@ def owner_pid(folder: Path) -> int:
     return int((folder / ".lock").read_text().split()[0])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def alone(tmp_path_factory) -> dict[int, Path]:
-    """Each seed's tiny run, alone in a process of its own: what every launcher's job must give."""
-    cwd = tmp_path_factory.mktemp("alone")
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda s: hsci("train", f"seed={s}", *TINY, f"hydra.run.dir=seed{s}", cwd=cwd), SEEDS))
-    assert all(result.returncode == 0 for result in results), [result.stderr for result in results]
-    return {s: cwd / f"seed{s}" for s in SEEDS}
+    """Each seed's tiny run, alone (run as a process of its own would run it): what every launcher's job must give."""
+
+    def make(cwd: Path) -> dict:
+        results = [hsci("train", f"seed={s}", *TINY, f"hydra.run.dir=seed{s}", cwd=cwd) for s in SEEDS]
+        assert all(result.returncode == 0 for result in results), [result.stderr for result in results]
+        return {str(s): str(cwd / f"seed{s}") for s in SEEDS}
+
+    return {int(s): Path(run) for s, run in once(tmp_path_factory, "alone", make).items()}
 
 
 def test_a_joblib_sweep_gives_each_job_what_it_gives_alone(alone, tmp_path):
@@ -75,8 +76,8 @@ def test_a_joblib_sweep_gives_each_job_what_it_gives_alone(alone, tmp_path):
 def test_a_joblib_worker_gives_each_later_job_what_it_gives_alone(alone, tmp_path):
     # Four jobs on two workers, the two that diverge first: the seeds' runs come after another job in a worker
     # that joblib reuses, and whatever that job set must not reach them.
-    result = hsci("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer.lr=1e9,0.001",
-                  "seed=0,1", *TINY, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    result = hsci_process("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer.lr=1e9,0.001",
+                          "seed=0,1", *TINY, "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert result.returncode == 1 and result.stderr.strip().endswith("error: 2 of 4 jobs did not complete")
     sweep = tmp_path / "sweep"
     assert len({owner_pid(sweep / job) for job in "0123"}) <= 2  # workers ran more than one job each
@@ -89,8 +90,8 @@ def test_a_joblib_worker_gives_each_later_job_what_it_gives_alone(alone, tmp_pat
 
 
 def test_a_submitit_local_sweep_completes_with_its_summary(alone, tmp_path):
-    result = hsci("train", "-m", "hydra/launcher=submitit_local", "seed=0,1", *TINY, "hydra.sweep.dir=sweep",
-                  cwd=tmp_path)
+    result = hsci_process("train", "-m", "hydra/launcher=submitit_local", "seed=0,1", *TINY, "hydra.sweep.dir=sweep",
+                          cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     sweep = tmp_path / "sweep"
     assert "sweep summary: " + str(sweep / "sweep_summary.csv") in result.stdout  # printed by hsci's own process
@@ -109,8 +110,8 @@ def test_a_submitit_job_of_two_tasks_trains_as_two_ranks_what_one_process_does(t
     plain = ["trainer.device=cpu", "trainer.epochs=2", "model.dropout=0", "model.conv_dropout=0"]
     alone = hsci("train", *plain, "hydra.run.dir=alone", cwd=tmp_path)
     assert alone.returncode == 0, alone.stderr
-    result = hsci("train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", *plain,
-                  "hydra.sweep.dir=sweep", cwd=tmp_path)
+    result = hsci_process("train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", *plain,
+                          "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     job, single = summary_of(tmp_path / "sweep" / "0"), summary_of(tmp_path / "alone")
     assert (job["status"], job["world_size"], job["backend"]) == ("completed", 2, "gloo")
@@ -122,8 +123,8 @@ def test_a_submitit_job_of_two_tasks_trains_as_two_ranks_what_one_process_does(t
 @pytest.mark.slow
 def test_a_joblib_job_on_two_processes_starts_its_ranks(tmp_path):
     # joblib's workers start processes their own way (loky), which the ranks of a job cannot: they are spawned.
-    result = hsci("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", "trainer.devices=2",
-                  *TINY, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    result = hsci_process("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1",
+                          "trainer.devices=2", *TINY, "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     for job in ("0", "1"):
         summary = summary_of(tmp_path / "sweep" / job)
@@ -275,9 +276,10 @@ def test_a_diverged_trial_fails_in_optuna_and_the_sweep_goes_on(tmp_path):
     # of the others, and the sweep ends with its summary (and a non-zero exit, as any sweep with such a job).
     # (Optuna's random sampler, seeded to draw 1e9 first, then 0.001. The grid sampler would be the natural choice,
     # but hydra-optuna-sweeper 1.3 fails the sweep when the grid's last trial is a failed one.)
-    result = hsci("train", "-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=0",
-                  "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=2", "optimizer.lr=choice(0.001,1e9)",
-                  *TINY, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    # In a process of its own: Optuna's logger keeps the console it first found, and its words are checked.
+    result = hsci_process("train", "-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=random",
+                          "hydra.sweeper.sampler.seed=0", "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=2",
+                          "optimizer.lr=choice(0.001,1e9)", *TINY, "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert result.returncode == 1 and "1 of 2 jobs did not complete" in result.stderr
     assert "Return value must be float-castable. Got 'None'" in result.stdout + result.stderr
     sweep = tmp_path / "sweep"

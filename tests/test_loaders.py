@@ -110,9 +110,8 @@ def test_a_run_on_the_gpu_loader_records_its_speed_settings(tmp_path):
     assert record["train_img_per_s"] > 0 and record["data_wait_s"] >= 0 and record["max_mem_gb"] > 0
 
 
-def test_defaults_on_the_cpu_are_fp32_and_the_torch_loader(tmp_path):
-    assert hsci("train", "experiment=smoke", cwd=tmp_path).returncode == 0
-    summary = summary_of(run_dirs(tmp_path)[0])
+def test_defaults_on_the_cpu_are_fp32_and_the_torch_loader(finished):
+    summary = summary_of(finished)  # experiment=smoke
     assert (summary["precision"], summary["channels_last"], summary["loader"]) == ("fp32", False, "torch")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import hsci, run_dirs, summary_of
+from conftest import hsci, once, run_dirs, summary_of
 from hsci.cli import _new_dir
 
 # Augmentation drawn in two worker processes, dropout, a cosine schedule: every source of randomness at once.
@@ -22,13 +22,16 @@ EXPERIMENT = ["trainer.epochs=6", "data.random_crop_padding=1", "data.horizontal
               "trainer.log_every=5"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory) -> Path:
     """The uninterrupted run that interrupted-and-resumed runs must reproduce."""
-    cwd = tmp_path_factory.mktemp("reference")
-    assert hsci("train", *EXPERIMENT, cwd=cwd).returncode == 0
-    [run] = run_dirs(cwd)
-    return run
+
+    def make(cwd: Path) -> dict:
+        assert hsci("train", *EXPERIMENT, cwd=cwd).returncode == 0
+        [run] = run_dirs(cwd)
+        return {"run": str(run)}
+
+    return Path(once(tmp_path_factory, "reference", make)["run"])
 
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -70,6 +73,8 @@ def readings(run: Path) -> list[tuple]:
 def test_stopped_by_signals_then_resumed_ends_bit_identical(reference, tmp_path):
     proc = start(EXPERIMENT, tmp_path)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # Ctrl-C, a scheduler, a closed terminal
+        if sig != signal.SIGINT:
+            proc = start([f"resume={run}"], tmp_path)
         run = wait_for_training(tmp_path, proc)
         time.sleep(random.uniform(0.05, 0.3))  # mid-epoch, most likely
         proc.send_signal(sig)
@@ -80,9 +85,8 @@ def test_stopped_by_signals_then_resumed_ends_bit_identical(reference, tmp_path)
         assert f"run interrupted: {sig.name} at epoch" in (run / "train.log").read_text()
         state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
         assert {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "stale", "config"} <= set(state)
-        proc = start([f"resume={run}"], tmp_path)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    result = hsci("train", f"resume={run}", cwd=tmp_path)  # to the end, no signal: in this process
+    assert result.returncode == 0, result.stderr
     summary = summary_of(run)
     assert summary["status"] == "completed" and len(summary["resumed"]) == 3
     assert summary["test"] == summary_of(reference)["test"]
@@ -95,7 +99,9 @@ def test_stopped_by_signals_then_resumed_ends_bit_identical(reference, tmp_path)
 def test_killed_at_random_moments_keeps_readable_checkpoints_and_resumes_exactly(reference, tmp_path):
     rng = random.Random(0)
     proc = start(EXPERIMENT, tmp_path)
-    for _ in range(2):
+    for kill in range(2):
+        if kill:
+            proc = start(["resume=latest"], tmp_path)
         run = wait_for_training(tmp_path, proc)
         time.sleep(rng.uniform(0, 0.4))
         proc.kill()  # SIGKILL: no chance to save; whatever is on disk must be whole
@@ -103,8 +109,7 @@ def test_killed_at_random_moments_keeps_readable_checkpoints_and_resumes_exactly
         state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
         assert 1 <= state["epoch"] <= 6
         json.loads((run / "summary.json").read_text())
-        proc = start(["resume=latest"], tmp_path)
-    assert proc.communicate(timeout=120)[0] is not None and proc.returncode == 0
+    assert hsci("train", "resume=latest", cwd=tmp_path).returncode == 0  # to the end: in this process
     assert same_weights(run, reference)
     assert summary_of(run)["test"] == summary_of(reference)["test"]
     assert [r["epoch"] for r in records(run)] == list(range(1, 7))

@@ -2,7 +2,6 @@
 what hsci's own configs can name, until `hsci trust` signs it."""
 
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from omegaconf import OmegaConf
@@ -30,8 +29,7 @@ def test_own_targets_build_as_ones_own_and_a_received_run_once_trusted(tmp_path)
     trained = hsci("train", "--config-dir", "my_conf", "model=tiny", "experiment=smoke", cwd=tmp_path, env=code)
     assert trained.returncode == 0, trained.stderr
     [run] = run_dirs(tmp_path)
-    with ThreadPoolExecutor(2) as pool:
-        mine, theirs = pool.map(lambda env: hsci("eval", f"run={run}", cwd=tmp_path, env=env), [code, other])
+    mine, theirs = (hsci("eval", f"run={run}", cwd=tmp_path, env=env) for env in (code, other))
     assert mine.returncode == 0, mine.stderr  # signed by this user: no ceremony
     assert theirs.returncode == 1
     assert theirs.stderr.strip() == (f"error: eval: refusing {run}/.hydra/config.yaml: model._target_ names "
@@ -39,8 +37,7 @@ def test_own_targets_build_as_ones_own_and_a_received_run_once_trusted(tmp_path)
                                      f"run directory, run hsci trust run={run} first (README: Untrusted files)")
     trusted = hsci("trust", f"run={run}", cwd=tmp_path, env=other)
     assert trusted.returncode == 0 and "mymodels.tiny" in trusted.stdout
-    with ThreadPoolExecutor(2) as pool:
-        theirs, mine = pool.map(lambda env: hsci("eval", f"run={run}", "split=val", cwd=tmp_path, env=env), [other, code])
+    theirs, mine = (hsci("eval", f"run={run}", "split=val", cwd=tmp_path, env=env) for env in (other, code))
     assert theirs.returncode == 0 and mine.returncode == 0, theirs.stderr + mine.stderr  # both signatures hold
     assert f"acc {summary_of(run)['best_val']['val_acc']:.4f}" in theirs.stdout
 
