@@ -143,13 +143,14 @@ def train(args: list[str]) -> int:
         if held.holding and e.code and not HydraConfig.initialized():
             report = held.text()
             held.holding = False
-            return fail(one_line(report) + " (hsci --help lists the options; hsci train --cfg job the keys)", 2)
+            return fail(one_line(report) + HINT, 2)
         raise
-    except Exception as e:  # Hydra could not even format its report
+    except Exception as e:  # Hydra raised its error instead of reporting it (under a debugger, or coverage)
         if not held.holding:
             raise
         held.holding = False
-        return fail(one_line(str(e)), 2)
+        report = f"{e}\n{e.__cause__ or ''}"  # what its report would show: the error, and what caused it
+        return fail(one_line(report) + HINT, 2)
     finally:
         sys.stderr = held.real
         held.release()
@@ -158,6 +159,9 @@ def train(args: list[str]) -> int:
 
             ranks.announce(None)  # nothing, unless it announced its run
     return 0
+
+
+HINT = " (hsci --help lists the options; hsci train --cfg job the keys)"  # after a config Hydra refused
 
 
 def _refused_as_rank(args: list[str]) -> str | None:

@@ -81,6 +81,14 @@ def test_typo_and_wrong_type_fail_before_any_work(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+def test_a_config_error_reads_the_same_where_hydra_raises_it(tmp_path, monkeypatch):
+    # Under a debugger (or coverage's tracer) Hydra raises its error instead of reporting it.
+    plain = [hsci("train", override, cwd=tmp_path).stderr for override in ("optimizer.lrr=0.1", "trainer.epochs=abc")]
+    monkeypatch.setattr("hydra._internal.utils.is_under_debugger", lambda: True)
+    raised = [hsci("train", override, cwd=tmp_path).stderr for override in ("optimizer.lrr=0.1", "trainer.epochs=abc")]
+    assert raised == plain and "Key 'lrr' is not in struct" in raised[0]
+
+
 def test_cfg_job_prints_the_composed_config_without_running(tmp_path):
     result = hsci("train", "--cfg", "job", "model=resnet50", "data=cifar10", cwd=tmp_path)
     assert result.returncode == 0
