@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.ready
 
-.PHONY: setup run test test-all smoke clean
+.PHONY: setup run test test-all coverage smoke clean
 
 setup: $(READY)
 
@@ -25,9 +25,15 @@ test: setup  ## the fast tests (a few minutes on two CPU cores), one worker per 
 test-all: setup  ## every test, slow ones included
 	$(BIN)/python -m pytest -q -n auto --dist worksteal
 
+coverage: setup  ## line coverage of hsci/ by the fast tests, subprocesses included
+	rm -f .coverage .coverage.*
+	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/python -m coverage run -m pytest -m "not slow" -q
+	$(BIN)/python -m coverage combine -q
+	$(BIN)/python -m coverage report
+
 smoke: setup  ## a seconds-long run through every stage
 	$(BIN)/hsci train experiment=smoke
 
 clean:  ## remove run outputs and build files (the virtual environment stays)
-	rm -rf outputs multirun dist build .pytest_cache
+	rm -rf outputs multirun dist build .pytest_cache .coverage .coverage.*
 	find . -name __pycache__ -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
