@@ -129,7 +129,7 @@ def breast_cancer(batch_size: int, num_workers: int | str, loader: str, val_frac
 
     bunch = load_breast_cancer()
     return table(bunch.data, bunch.target, "binary", Loading(batch_size, num_workers, loader),
-                 Carving(val_fraction, split_seed, test_fraction))
+                 Carving(val_fraction, split_seed, test_fraction), list(bunch.target_names))
 
 
 def diabetes(batch_size: int, num_workers: int | str, loader: str, val_fraction: float, test_fraction: float,

@@ -113,29 +113,36 @@ SHORT = {"train_loss": "train", "val_loss": "val_loss", "val_precision": "val_pr
 
 
 def final(summary: dict) -> None:
-    """The test metrics of the best checkpoint and where the run lives."""
-    metrics_table(f"test split, best checkpoint (epoch {summary.get('best_epoch')})", summary.get("test", {}))
+    """The test metrics of the best checkpoint, with their 95% intervals, and where the run lives."""
+    ci = summary.get("test_ci") or {}
+    metrics_table(f"test split, best checkpoint (epoch {summary.get('best_epoch')}), {ci.get('n', '?')} examples",
+                  summary.get("test", {}), ci)
     say(f"run directory: {summary['run_dir']}")
 
 
-def metrics_table(title: str, metrics: dict) -> None:
+def metrics_table(title: str, metrics: dict, ci: dict | None = None) -> None:
+    """One row of metrics; under it, where `ci` has them, their intervals (hsci/record/predictions.py)."""
     log.info("%s: %s", title, metrics)
+    ci = {k: f"{_fmt(k, ci[k]['low'])}-{_fmt(k, ci[k]['high'])}" for k in metrics if k in (ci or {})}
     if console.is_terminal:
         table = Table(title=title)
+        table.add_column("")
         for key in metrics:
             table.add_column(key, justify="right")
-        table.add_row(*(_fmt(k, v) for k, v in metrics.items()))
+        table.add_row("", *(_fmt(k, v) for k, v in metrics.items()))
+        if ci:
+            table.add_row("95% CI", *(ci.get(k, "") for k in metrics))
         console.print(table)
     else:
-        console.print(f"{title}  " + "  ".join(f"{k} {_fmt(k, v)}" for k, v in metrics.items()), markup=False,
-                      soft_wrap=True)
+        cells = (f"{k} {_fmt(k, v)}" + (f" (95% CI {ci[k]})" if k in ci else "") for k, v in metrics.items())
+        console.print(f"{title}  " + "  ".join(cells), markup=False, soft_wrap=True)
 
 
-def sweep_table(rows: list[dict], where: str) -> None:
-    """All jobs of a sweep, best first (printed only: a sweep has no log of its own)."""
+def sweep_table(rows: list[dict], where: str, order: str = "best first") -> None:
+    """All jobs of a sweep, in `order` (printed only: a sweep has no log of its own)."""
     keys = list(dict.fromkeys(k for row in rows for k in row if k not in ("run_dir", "mode")))
     if console.is_terminal:
-        table = Table(title=f"sweep: {len(rows)} jobs, best first")
+        table = Table(title=f"sweep: {len(rows)} jobs, {order}")
         for key in keys:
             table.add_column(key, justify="left" if key in ("overrides", "status", "error") else "right")
         for row in rows:
@@ -146,6 +153,30 @@ def sweep_table(rows: list[dict], where: str) -> None:
             cells = (f"{k} {_fmt(k, row[k])}" for k in keys if row.get(k) not in (None, ""))
             console.print("  ".join(cells), markup=False, soft_wrap=True)
     console.print(f"sweep summary: {where}", markup=False, soft_wrap=True)
+
+
+def runs_table(rows: list[dict], title: str) -> None:
+    """Rows of text, one per run (`hsci runs`): a table on a terminal, `key value` lines otherwise; empty cells and
+    columns left out."""
+    rows_table(rows, title, numbers=())
+
+
+def rows_table(rows: list[dict], title: str, numbers: tuple[str, ...]) -> None:
+    """A table of `rows` under `title`; the `numbers` columns aligned right."""
+    keys = [k for k in dict.fromkeys(k for row in rows for k in row)
+            if any(row.get(k) not in (None, "") for row in rows)]
+    if console.is_terminal:
+        table = Table(title=title)
+        for key in keys:
+            table.add_column(key, justify="right" if key in numbers else "left")
+        for row in rows:
+            table.add_row(*(_fmt(k, row[k]) if row.get(k) is not None else "" for k in keys))
+        console.print(table)
+        return
+    console.print(title, markup=False, soft_wrap=True)
+    for row in rows:
+        console.print("  ".join(f"{k} {_fmt(k, row[k])}" for k in keys if row.get(k) not in (None, "")), markup=False,
+                      soft_wrap=True)
 
 
 def _fmt(key: str, value) -> str:

@@ -203,6 +203,12 @@ def run_dirs(cwd: Path) -> list[Path]:
     return sorted(p for p in (cwd / "outputs").glob("*/*") if p.parent.name != "multirun" and p.is_dir())
 
 
+def job_folder(sweep: Path, number: int | str) -> Path:
+    """A sweep's job folder by the job's number: `<number>_<what the job varies>`, or the number alone."""
+    [folder] = [d for d in sweep.iterdir() if d.is_dir() and d.name.split("_")[0] == str(number)]
+    return folder
+
+
 def summary_of(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
@@ -234,7 +240,8 @@ def write_cifar(root: Path, hundred: bool = False, per_batch: int = 40) -> None:
                  "filenames": [f"img_{i}.png" for i in range(n)]}
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f, protocol=2)
-    meta = {"fine_label_names": [str(i) for i in range(100)]} if hundred else {"label_names": [str(i) for i in range(10)]}
+    meta = ({"fine_label_names": [f"fine_{i}" for i in range(100)]} if hundred else
+            {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]})
     with open(folder / ("meta" if hundred else "batches.meta"), "wb") as f:
         pickle.dump(meta, f, protocol=2)
 

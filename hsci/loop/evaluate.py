@@ -11,6 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -18,6 +19,7 @@ from hsci import UserError, interrupt, report
 from hsci.parts.build import Parts, build, compose
 from hsci.parts.datasets import Data
 from hsci.record import rundir
+from hsci.record.comparable import lower_is_better
 from hsci.record.owner import find_run
 
 if TYPE_CHECKING:  # torchmetrics is imported when the metrics are made
@@ -77,13 +79,10 @@ def monitor(choice: str, task: str, metrics: Metrics) -> tuple[str, str]:
     return key, "min" if lower_is_better(key) else "max"
 
 
-def lower_is_better(key: str) -> bool:
-    return key.endswith(("loss", "mse", "mae"))
-
-
-def evaluate(parts: Parts, loader: DataLoader, metrics: Metrics) -> dict[str, float] | None:
+def evaluate(parts: Parts, loader: DataLoader, metrics: Metrics, keep: list | None = None) -> dict[str, float] | None:
     """Mean loss and metrics of `parts.model` over `loader`, read once at the end; None when a stop signal arrives
-    first. With several ranks, each evaluates its part of the split and the sums are taken over all of them."""
+    first. With several ranks, each evaluates its part of the split and the sums are taken over all of them.
+    `keep`, if given, gets each batch's (scores, targets) on the device (`scores`)."""
     model, world = parts.model, parts.world
     collection = metrics.collection  # made outside inference mode, as before this function ran in it
     model.eval()
@@ -97,7 +96,10 @@ def evaluate(parts: Parts, loader: DataLoader, metrics: Metrics) -> dict[str, fl
                 out = model(x)
                 loss_sum += parts.loss_fn(out, y).float() * len(y)
             n += len(y)
-            collection.update(*_predictions(out.float(), y, parts.data))
+            predictions = _predictions(out.float(), y, parts.data)
+            collection.update(*predictions)
+            if keep is not None:
+                keep.append(scores(*predictions, parts.data.task))
             if interrupt.requested():
                 break
         if world.stop():  # every rank agrees, once its part is done or it got the signal
@@ -116,6 +118,20 @@ def _predictions(out: torch.Tensor, y: torch.Tensor, data: Data) -> tuple[torch.
         mean, std = data.scaling.target_mean, data.scaling.target_std
         return out.squeeze(1) * std + mean, y.squeeze(1) * std + mean
     return out, y
+
+
+def scores(predicted: torch.Tensor, target: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's (scores, targets) as hsci/record/predictions.py keeps them: class probabilities (B, C) for
+    multiclass, the positive class's (B,) for binary, predictions (B,) for regression."""
+    return (predicted.softmax(1) if task == "multiclass" else predicted), target
+
+
+def kept(batches: list, world) -> tuple[np.ndarray, np.ndarray]:
+    """The (scores, targets) that `evaluate` kept, of the whole split: every rank's part, in order."""
+    if not batches:
+        return np.zeros((0,)), np.zeros((0,))
+    mine = [torch.cat(column).float().cpu().numpy() for column in zip(*batches)]
+    return tuple(np.concatenate(whole) for whole in zip(*world.gather(mine)))
 
 
 def run_eval(args: list[str]) -> int:

@@ -20,13 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 
 import hsci
 from hsci import interrupt, report
-from hsci.loop.evaluate import Metrics, evaluate, monitor
+from hsci.loop.evaluate import Metrics, evaluate, kept, monitor
 from hsci.loop.step import (DIVERGED_HINT, Diverged, Epoch, Readings, peak_memory_gb, reset_peak_memory, train_epoch,
                             warm_up)
 from hsci.parts.build import build, optimizing
 from hsci.parts.loaders import Timed, start_epoch
 from hsci.parts.world import SINGLE, World
-from hsci.record import rundir
+from hsci.record import predictions, rundir
+from hsci.record.comparable import class_names, comparable
 from hsci.record.resume import Position, checkpoint, restore
 
 STEPS = "steps.jsonl"  # a line per reading (see Readings)
@@ -68,6 +69,10 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
     size = sum(weights.numel() for weights in parts.model.parameters())
     report.say("  ".join(f"{k} {v}" for k, v in setup.items()) + f"  {size:,} parameters  train/val/test "
                f"{len(data.train)}/{len(data.val)}/{len(data.test)}  run dir {run_dir}")
+    setup |= {"classes": class_names(data), "comparable": comparable(config, data) if world.main else None}
+    if data.task != "regression" and 0 < len(data.test) <= 100:
+        report.say(f"note: the test split holds {len(data.test)} examples: one of them moves accuracy by "
+                   f"{100 / len(data.test):.2g} points")
 
     while position.epoch < trainer.epochs:
         if trainer.early_stop_patience and position.stale >= trainer.early_stop_patience:
@@ -110,13 +115,23 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
     world.barrier()  # rank 0 has written best.pt
     best_state = rundir.load_checkpoint(run_dir / "checkpoints" / "best.pt")
     rundir.load_weights(parts.model, best_state["model"], run_dir / "checkpoints" / "best.pt")
-    test = evaluate(parts, parts.loaders.test, metrics)
+    outputs = []
+    test = evaluate(parts, parts.loaders.test, metrics, outputs)
     if test is None:
         return setup | stopped(run_dir, position.epoch, "while testing")
+    scores, targets = kept(outputs, world)
     best = position.best_record
-    return setup | {"status": "completed", "epochs_run": position.epoch, "monitor": key, "mode": mode,
-                    "best_epoch": best["epoch"], "best_val": {k: v for k, v in best.items() if k.startswith("val_")},
-                    "test": test}
+    results = {"status": "completed", "epochs_run": position.epoch, "monitor": key, "mode": mode,
+               "best_epoch": best["epoch"], "best_val": {k: v for k, v in best.items() if k.startswith("val_")},
+               "test": test}
+    if world.main:
+        files = [path for path, _ in data.test.samples] if hasattr(data.test, "samples") else None
+        kept_arrays = predictions.arrays(data.task, scores, targets, files)
+        predictions.save(run_dir, kept_arrays)
+        results["test_ci"] = predictions.intervals(kept_arrays, data.task, metrics.names, cfg.seed)
+        if setup["classes"]:
+            results["test_per_class"] = predictions.per_class(kept_arrays, setup["classes"])
+    return setup | results
 
 
 def better(record: dict, best: dict, key: str, mode: str) -> bool:

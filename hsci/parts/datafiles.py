@@ -34,7 +34,8 @@ def idx_files(cls, name: str, root: str, download: bool) -> Images:
     except (RuntimeError, ValueError, AssertionError, OSError) as e:  # torchvision's reader on a cut or foreign file
         raise UserError(f"data={name}: the idx files in {folder} are not readable ({flat(e)}): delete them and "
                         "download again (data.download=true)") from e
-    return Images(name, train.data.unsqueeze(1), train.targets, test.data.unsqueeze(1), test.targets)  # (N, 1, 28, 28)
+    return Images(name, train.data.unsqueeze(1), train.targets, test.data.unsqueeze(1), test.targets,  # (N, 1, 28, 28)
+                  list(cls.classes))
 
 
 def cifar(cls, name: str, root: str, download: bool, label_key: str) -> Images:
@@ -47,7 +48,7 @@ def cifar(cls, name: str, root: str, download: bool, label_key: str) -> Images:
     _require(name, folder, files, download,
              lambda: download_and_extract_archive(cls.url, root, filename=cls.filename, md5=cls.tgz_md5))
     return Images(name, *_cifar_batches(name, folder, cls.train_list, label_key),
-                  *_cifar_batches(name, folder, cls.test_list, label_key))
+                  *_cifar_batches(name, folder, cls.test_list, label_key), _cifar_classes(folder, cls.meta))
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -74,6 +75,15 @@ def _cifar_batches(name: str, folder: Path, files: list, label_key: str):
             raise UserError(f"data={name}: {folder / file} is not a readable CIFAR batch ({e}): delete {folder} "
                             "and download it again (data.download=true)") from e
     return torch.from_numpy(np.concatenate(xs)), torch.tensor(ys)
+
+
+def _cifar_classes(folder: Path, meta: dict) -> list[str] | None:
+    """The class names in a CIFAR folder's meta file (batches.meta, meta), read as a data file; None without it."""
+    try:
+        with open(folder / meta["filename"], "rb") as f:
+            return [str(name) for name in _ArraysOnly(f, encoding="latin1").load()[meta["key"]]]
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError):
+        return None
 
 
 def _require(name: str, folder: Path, files: list[str], download: bool, fetch: Callable[[], object]) -> None:
@@ -128,18 +138,19 @@ def read_image_folder(root: str, look: tuple[int, int], carving: Carving,
         rest, held = carving.val([label for _, label in train])
         train, samples["val"] = [train[i] for i in rest], [train[i] for i in held]
     channels, size = look
-    return (ImageFiles(train, size, channels, augment), ImageFiles(samples["val"], size, channels),
-            ImageFiles(samples["test"], size, channels), classes)
+    held = [ImageFiles(samples[split], size, channels, None, classes) for split in ("val", "test")]
+    return ImageFiles(train, size, channels, augment, classes), *held, classes
 
 
 class ImageFiles(Dataset):
     """Image files read on demand, resized and centre-cropped to `size`, as uint8 (C, size, size); keys as
-    hsci/parts/datasets.py's `Tensors` takes them."""
+    hsci/parts/datasets.py's `Tensors` takes them; `classes` names the labels (the class folders)."""
 
-    def __init__(self, samples: list[tuple[str, int]], size: int, channels: int, augment: CropFlip | None = None):
+    def __init__(self, samples: list[tuple[str, int]], size: int, channels: int, augment: CropFlip | None = None,
+                 classes: list[str] | None = None):
         from torchvision.transforms import v2
 
-        self.samples, self.mode, self.augment = samples, "L" if channels == 1 else "RGB", augment
+        self.samples, self.mode, self.augment, self.classes = samples, "L" if channels == 1 else "RGB", augment, classes
         self.resize = v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])
 
     def __len__(self) -> int:

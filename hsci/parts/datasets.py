@@ -127,11 +127,12 @@ class Tensors(Dataset):
     per-sample augmentation.
 
     A key is an index, or (index, seed) from hsci's training sampler: the seed alone decides the
-    sample's augmentation, whichever worker process loads it.
+    sample's augmentation, whichever worker process loads it. `classes` names the labels, if known.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, augment: CropFlip | None = None):
-        self.x, self.y, self.augment = x, y, augment
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, augment: CropFlip | None = None,
+                 classes: list[str] | None = None):
+        self.x, self.y, self.augment, self.classes = x, y, augment, classes
 
     def __len__(self) -> int:
         return len(self.x)
@@ -160,13 +161,14 @@ def augmented(x: torch.Tensor, augment: CropFlip | None, seed: int | None) -> to
 @dataclass(frozen=True)
 class Images:
     """Images in memory as their files hold them: uint8 (N, C, H, W) and labels, of the training and test
-    splits; `name` is the dataset's option (data=...)."""
+    splits; `name` is the dataset's option (data=...), `classes` the labels' names where the files give them."""
 
     name: str
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    classes: list[str] | None = None
 
     def data(self, declared: tuple[list[int], int], loading: Loading, carving: Carving, scaling: Scaling,
              augment: CropFlip | None) -> Data:
@@ -179,14 +181,17 @@ class Images:
                             f"data.image_shape={list(shape)} and data.num_classes={classes}: check data.root, or "
                             "correct those two keys")
         keep, held = carving.val(self.y_train)
-        return Data(Tensors(self.x_train[keep], self.y_train[keep], augment),
-                    Tensors(self.x_train[held], self.y_train[held]), Tensors(self.x_test, self.y_test),
-                    "multiclass", found, classes, loading, scaling)
+        names = self.classes
+        return Data(Tensors(self.x_train[keep], self.y_train[keep], augment, names),
+                    Tensors(self.x_train[held], self.y_train[held], classes=names),
+                    Tensors(self.x_test, self.y_test, classes=names), "multiclass", found, classes, loading, scaling)
 
 
-def table(x: np.ndarray, y: np.ndarray, task: str, loading: Loading, carving: Carving) -> Data:
+def table(x: np.ndarray, y: np.ndarray, task: str, loading: Loading, carving: Carving,
+          classes: list[str] | None = None) -> Data:
     """A `Data` of feature vectors (N, F), standardised with the training split's mean and std; a regression
-    target is standardised too. Test and validation are carved, stratified for classification."""
+    target is standardised too. Test and validation are carved, stratified for classification; `classes` names
+    a classification's labels."""
     stratify = task != "regression"
     rest, test = carve(y, carving.test_fraction, carving.seed, stratify)
     keep, held = carving.val(y[rest], stratify)
@@ -196,5 +201,5 @@ def table(x: np.ndarray, y: np.ndarray, task: str, loading: Loading, carving: Ca
     target_mean, target_std = (float(y[train].mean()), float(y[train].std())) if task == "regression" else (0.0, 1.0)
     y = (y - target_mean) / target_std
     xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y).float().unsqueeze(1)  # (N, F), (N, 1)
-    splits = [Tensors(xt[i], yt[i]) for i in (train, val, test)]
+    splits = [Tensors(xt[i], yt[i], classes=classes) for i in (train, val, test)]
     return Data(*splits, task, (x.shape[1],), 1, loading, Scaling(target_mean=target_mean, target_std=target_std))

@@ -73,6 +73,14 @@ class World:
         dist.all_reduce(value)
         return value
 
+    def gather(self, value):
+        """Every rank's `value` (any picklable object: these are the run's own processes), in rank order."""
+        if self.size == 1:
+            return [value]
+        values = [None] * self.size
+        dist.all_gather_object(values, value, group=self.control)
+        return values
+
     def blame(self, error: str) -> str:
         """The run's error, in one line, given this rank's: its own when it failed first, else the error of the
         rank that did (the others fail in their next exchange with it), which each rank that fails writes first
