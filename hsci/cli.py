@@ -4,6 +4,7 @@
 import io
 import itertools
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -17,6 +18,10 @@ VERBS = {
             "or hsci eval checkpoint=<file.pt> model=... data=...",
     "bench": "how fast will this config train here: hsci bench [key=value ...] [steps=30 warmup=5]",
     "trust": "let eval and resume build what a run directory from elsewhere names: hsci trust run=<run dir>",
+    "runs": "list runs, newest first: hsci runs [outputs ...] [status=completed] [name=<glob>] [last=N] [--json]",
+    "plot": "draw a run's plots again from its records: hsci plot run=<run dir>|latest",
+    "compare": "compare runs grouped by config, seeds as replicates: hsci compare <runs, sweeps or globs ...> "
+               "[metric=test.acc] [baseline=N] [out=<dir>]",
 }
 
 
@@ -42,7 +47,20 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     try:
-        verb, rest = args[0], [_home(arg) for arg in args[1:]]
+        verb = args[0]
+        if verb == "runs":  # reads records only: no torch, no Hydra
+            from hsci.analysis import runs
+
+            return one_line_errors(runs.run_runs, args[1:])
+        if verb == "compare":
+            from hsci.analysis import compare
+
+            return one_line_errors(compare.run_compare, args[1:])
+        if verb == "plot":
+            from hsci.analysis import plots
+
+            return one_line_errors(plots.run_plot, args[1:])
+        rest = [_logspace(_home(arg)) for arg in args[1:]]
         if verb == "train":
             return train(rest)
         if verb == "eval":
@@ -59,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             return one_line_errors(trust.run_trust, rest)
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (or a second one inside): stop, in one line
         return fail("stopped by Ctrl-C", 128 + signal.SIGINT)
+    except Refused as e:  # an argument refused before anything ran
+        return fail(e.message, e.code)
     except Exception:
         if interrupt.stopped_at_once():  # a Ctrl-C that Python turned into another error (in an import, say)
             return fail("stopped by Ctrl-C", 128 + signal.SIGINT)
@@ -79,6 +99,27 @@ def _home(arg: str) -> str:
     if key.startswith("-"):  # --config-dir=~/conf: a path for Hydra itself, not an override
         return f"{key}={os.path.expanduser(value)}"
     return key + "=" + ",".join(quote(os.path.expanduser(item)) if item.startswith("~") else item for item in items)
+
+
+LOGSPACE = re.compile(r"^([^=]+)=logspace\(([^,()]+),([^,()]+),([^,()]+)\)$")
+
+
+def _logspace(arg: str) -> str:
+    """`key=logspace(a,b,n)`: n values from a to b, evenly spaced in log scale (a sweep over learning rates, weight
+    decays), written out as `key=v1,v2,...` with 3 significant digits, before Hydra reads it; Hydra's own
+    `range(...)` and `choice(...)` stay Hydra's."""
+    m = LOGSPACE.match(arg.replace(" ", ""))
+    if not m:
+        return arg
+    key, low, high, count = m.groups()
+    try:
+        low, high, n = float(low), float(high), int(count)
+    except ValueError:
+        n = 0
+    if n < 2 or not (low > 0 and high > 0):
+        raise Refused(f"{arg}: logspace(a,b,n) takes two positive numbers and a count of 2 or more, e.g. "
+                      f"{key}=logspace(1e-4,1e-1,4)", 2)
+    return key + "=" + ",".join(f"{low * (high / low) ** (i / (n - 1)):.3g}" for i in range(n))
 
 
 def fail(msg: str, code: int = 1) -> int:

@@ -159,7 +159,10 @@ def test_sweep_runs_every_job_and_summarises_them_best_first(tmp_path):
     assert again.stderr.strip() == (f"error: hydra.sweep.dir={sweep} already holds a run or sweep: choose a new "
                                     "directory")
     assert (sweep / "sweep_summary.json").read_bytes() == before
-    assert sorted(p.name for p in sweep.glob("?")) == list("0123")
+    assert sorted(p.name for p in sweep.glob("[0-9]_*")) == ["0_data=digits,optimizer.lr=0.01",
+                                                             "1_data=digits,optimizer.lr=0.001",
+                                                             "2_data=breast_cancer,optimizer.lr=0.01",
+                                                             "3_data=breast_cancer,optimizer.lr=0.001"]
 
 
 def test_a_sweep_whose_jobs_choose_other_options_checks_each_job_as_it_starts(tmp_path):
@@ -170,7 +173,7 @@ def test_a_sweep_whose_jobs_choose_other_options_checks_each_job_as_it_starts(tm
     result = hsci("train", "-m", f"--config-dir={tmp_path / 'my_conf'}", "experiment=smoke", "trainer.epochs=1",
                   "trainer.monitor=val_mse", "data=diabetes,breast_cancer", "model=mlp,wide_mlp", cwd=tmp_path)
     assert result.returncode == 1
-    jobs = [summary_of(run) for run in sorted((tmp_path / "outputs" / "multirun").glob("*/*/[0-9]"))]
+    jobs = [summary_of(run) for run in sorted((tmp_path / "outputs" / "multirun").glob("*/*/[0-9]_*"))]
     assert [job["status"] for job in jobs] == ["completed", "failed", "failed", "failed"]
     assert jobs[0]["monitor"] == "val_mse" and jobs[0]["mode"] == "min"
     assert jobs[1]["error"] == (f"model.hiden is not a setting of hsci.models.mlp (in {tmp_path}/my_conf/model/"
@@ -228,7 +231,7 @@ def test_monitor_picks_the_best_checkpoint_by_any_validation_value(tmp_path):
     result = hsci("train", "-m", "experiment=smoke", "trainer.epochs=4", "trainer.monitor=val_loss,val_f1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     for job, key, pick in (("0", "val_loss", min), ("1", "val_f1", max)):  # a loss is better lower, F1 higher
-        [run] = (tmp_path / "outputs" / "multirun").glob(f"*/*/{job}")
+        [run] = (tmp_path / "outputs" / "multirun").glob(f"*/*/{job}_*")
         summary = summary_of(run)
         values = [json.loads(line)[key] for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert summary["monitor"] == key and summary["mode"] == ("min" if pick is min else "max")

@@ -17,7 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from conftest import hsci, hsci_process, once, summary_of
+from conftest import hsci, hsci_process, job_folder, once, summary_of
 from hsci import Refused, config_dir
 from hsci.parts import schema
 from hsci.record.owner import job_dir, requeued
@@ -67,9 +67,9 @@ def test_a_joblib_sweep_gives_each_job_what_it_gives_alone(alone, tmp_path):
     sweep = tmp_path / "sweep"
     jobs = json.loads((sweep / "sweep_summary.json").read_text())["jobs"]
     assert sorted(job["overrides"].split()[0] for job in jobs) == ["seed=0", "seed=1"]
-    assert owner_pid(sweep) not in (owner_pid(sweep / "0"), owner_pid(sweep / "1"))  # in joblib's workers
+    assert owner_pid(sweep) not in (owner_pid(job_folder(sweep, 0)), owner_pid(job_folder(sweep, 1)))  # joblib's
     for job, seed in (("0", 0), ("1", 1)):
-        assert_same_run(sweep / job, alone[seed])
+        assert_same_run(job_folder(sweep, job), alone[seed])
 
 
 @pytest.mark.slow
@@ -80,13 +80,14 @@ def test_a_joblib_worker_gives_each_later_job_what_it_gives_alone(alone, tmp_pat
                           "seed=0,1", *TINY, "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert result.returncode == 1 and result.stderr.strip().endswith("error: 2 of 4 jobs did not complete")
     sweep = tmp_path / "sweep"
-    assert len({owner_pid(sweep / job) for job in "0123"}) <= 2  # workers ran more than one job each
-    assert [summary_of(sweep / job)["status"] for job in "0123"] == ["diverged", "diverged", "completed", "completed"]
+    assert len({owner_pid(job_folder(sweep, job)) for job in "0123"}) <= 2  # workers ran more than one job each
+    assert [summary_of(job_folder(sweep, job))["status"] for job in "0123"] == ["diverged", "diverged", "completed",
+                                                                                "completed"]
     for job, seed in (("2", 0), ("3", 1)):
-        assert_same_run(sweep / job, alone[seed])
+        assert_same_run(job_folder(sweep, job), alone[seed])
     for job in "0123":
-        log = (sweep / job / "train.log").read_text()
-        assert f"run dir {sweep / job}" in log and log.count("run dir ") == 1  # its own log, no other job's
+        log = (job_folder(sweep, job) / "train.log").read_text()
+        assert f"run dir {job_folder(sweep, job)}" in log and log.count("run dir ") == 1  # its own log, no other job's
 
 
 def test_a_submitit_local_sweep_completes_with_its_summary(alone, tmp_path):
@@ -96,12 +97,12 @@ def test_a_submitit_local_sweep_completes_with_its_summary(alone, tmp_path):
     sweep = tmp_path / "sweep"
     assert "sweep summary: " + str(sweep / "sweep_summary.csv") in result.stdout  # printed by hsci's own process
     jobs = json.loads((sweep / "sweep_summary.json").read_text())["jobs"]
-    assert sorted(job["job"] for job in jobs) == ["0", "1"] and {job["status"] for job in jobs} == {"completed"}
+    assert sorted(job["job"] for job in jobs) == ["0_seed=0", "1_seed=1"] and {job["status"] for job in jobs} == {"completed"}
     assert (sweep / "sweep_summary.csv").read_text().count("\n") == 3
     assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2  # two submitit jobs, each with its result
-    assert owner_pid(sweep) not in (owner_pid(sweep / "0"), owner_pid(sweep / "1"))  # in submitit's jobs
+    assert owner_pid(sweep) not in (owner_pid(job_folder(sweep, 0)), owner_pid(job_folder(sweep, 1)))  # submitit's
     for job, seed in (("0", 0), ("1", 1)):
-        assert_same_run(sweep / job, alone[seed])
+        assert_same_run(job_folder(sweep, job), alone[seed])
 
 
 def test_a_submitit_job_of_two_tasks_trains_as_two_ranks_what_one_process_does(tmp_path):
@@ -113,11 +114,11 @@ def test_a_submitit_job_of_two_tasks_trains_as_two_ranks_what_one_process_does(t
     result = hsci_process("train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", *plain,
                           "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    job, single = summary_of(tmp_path / "sweep" / "0"), summary_of(tmp_path / "alone")
+    job, single = summary_of(job_folder(tmp_path / "sweep", 0)), summary_of(tmp_path / "alone")
     assert (job["status"], job["world_size"], job["backend"]) == ("completed", 2, "gloo")
     assert job["test"] == pytest.approx(single["test"], abs=1e-5)
     assert json.loads((tmp_path / "sweep" / "sweep_summary.json").read_text())["jobs"][0]["status"] == "completed"
-    assert "[rank 1]" not in (tmp_path / "sweep" / "0" / "train.log").read_text()
+    assert "[rank 1]" not in (job_folder(tmp_path / "sweep", 0) / "train.log").read_text()
 
 
 @pytest.mark.slow
@@ -140,22 +141,22 @@ def test_a_preempted_submitit_job_is_requeued_and_ends_as_if_never_stopped(tmp_p
     proc = subprocess.Popen([sys.executable, "-m", "hsci", "train", "-m", "hydra/launcher=submitit_local", *args,
                              f"hydra.sweep.dir={sweep}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    metrics = sweep / "0" / "metrics.jsonl"
+    metrics = job_folder(sweep, 0) / "metrics.jsonl"
     while not metrics.exists() or not metrics.read_text().strip():  # an epoch done: the job trains
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.01)
-    first = owner_pid(sweep / "0")
+    first = owner_pid(job_folder(sweep, 0))
     os.kill(first, signal.SIGUSR2)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert owner_pid(sweep / "0") != first  # a new process: the requeued job
-    [resumed] = summary_of(sweep / "0")["resumed"]
+    assert owner_pid(job_folder(sweep, 0)) != first  # a new process: the requeued job
+    [resumed] = summary_of(job_folder(sweep, 0))["resumed"]
     assert 1 <= resumed["epoch"] < 30  # it carried on from where it stopped, not from the start nor the end
     assert "job 0" in out and "job 1" in out  # the summary, once both ended
-    job_id = yaml.safe_load((sweep / "0" / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["id"]
+    job_id = yaml.safe_load((job_folder(sweep, 0) / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["id"]
     log = (sweep / ".submitit" / job_id / f"{job_id}_0_log.err").read_text()
     assert "SIGUSR2: preempted or out of time: stopping after this step and saving" in log
-    assert_same_run(sweep / "0", sweep / "1")
+    assert_same_run(job_folder(sweep, 0), job_folder(sweep, 1))
     assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == list(range(1, 31))
 
 
@@ -168,11 +169,11 @@ def test_a_sweep_whose_submitit_job_was_killed_outright_still_ends_with_its_summ
                              "trainer.epochs=30", "trainer.limit_batches=5", "trainer.device=cpu",
                              f"hydra.sweep.dir={sweep}"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    metrics = sweep / "0" / "metrics.jsonl"
+    metrics = job_folder(sweep, 0) / "metrics.jsonl"
     while not metrics.exists() or not metrics.read_text().strip():
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.01)
-    os.kill(owner_pid(sweep / "0"), signal.SIGKILL)
+    os.kill(owner_pid(job_folder(sweep, 0)), signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1 and "has not produced any output" in err
     [job] = json.loads((sweep / "sweep_summary.json").read_text())["jobs"]

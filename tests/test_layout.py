@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hsci"
 LAYERS = [("base", ("hsci", "hsci.interrupt", "hsci.report")),
           ("parts", ("hsci.parts", "hsci.data", "hsci.models", "hsci.schedulers")),
           ("record", ("hsci.record",)),
+          ("analysis", ("hsci.analysis",)),
           ("loop", ("hsci.loop",)),
           ("jobs", ("hsci.jobs",)),
           ("door", ("hsci.cli", "hsci.__main__"))]

@@ -65,3 +65,10 @@ def test_the_metrics_sentence_names_what_each_task_records():
 def test_trainer_monitor_may_name_what_each_task_records(task, classes):
     recorded = {"val_loss", *(f"val_{k}" for k in make_metrics(task, classes))}
     assert recorded == set(MONITORS[task]) - ({"val_top5"} if classes <= 10 else set())
+
+
+def test_the_predictions_row_names_what_the_file_holds(finished):
+    import numpy as np
+
+    with np.load(finished / "test_predictions.npz", allow_pickle=False) as f:
+        assert set(f.files) <= named(row("`test_predictions.npz`")[1])

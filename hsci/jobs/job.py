@@ -15,6 +15,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from hsci import UserError, interrupt, report
+from hsci.analysis import plots
 from hsci.jobs import ranks
 from hsci.loop.step import Diverged
 from hsci.loop.train import train
@@ -27,7 +28,8 @@ from hsci.record.resume import reopen
 
 # What summary.json says of a run's outcome: cleared when a resume sets it running again.
 RESULTS = ("error", "device", "precision", "channels_last", "loader", "compile_s", "startup_s", "world_size", "nodes",
-           "backend", "epochs_run", "monitor", "mode", "best_epoch", "best_val", "test")
+           "backend", "classes", "comparable", "epochs_run", "monitor", "mode", "best_epoch", "best_val", "test",
+           "test_ci", "test_per_class")
 
 
 def main(cfg: DictConfig, changes: list[str] = ()) -> float | None:
@@ -92,8 +94,17 @@ def record(cfg: DictConfig, changes: list[str], hydra_cfg, run_dir: Path) -> flo
     finally:
         summary["duration_s"] = round(summary.get("duration_s", 0) + time.time() - start, 3)
         rundir.write_json(run_dir / "summary.json", summary)
+        draw(run_dir)
     finish(summary, hydra_cfg)
     return summary["best_val"][summary["monitor"]] if summary["status"] == "completed" else None
+
+
+def draw(run_dir: Path) -> None:
+    """The run's plots (hsci/analysis/plots.py), after its training; one that fails is a warning in train.log."""
+    try:
+        plots.draw_run(run_dir)
+    except Exception as e:
+        report.log.warning("plots not drawn: %s: %s", type(e).__name__, e)
 
 
 def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, resumed: bool) -> dict:

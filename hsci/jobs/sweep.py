@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 import hsci
 from hsci import interrupt, report
+from hsci.analysis.found import assignments, numeric_axes
 
 # The job that runs in this process: what it changed (undone when it ends), and, once submitit's preemption
 # signal stopped it, submitit's own handler, which requeues it.
@@ -89,20 +90,73 @@ class SweepSummary(Callback):
 
 
 def summarise(sweep_dir: Path) -> list[dict]:
-    """Every job of the sweep as a row, best first: printed, and written to sweep_summary.{csv,json}."""
+    """Every job of the sweep as a row, best first (or in the order of the one numeric value swept, the best
+    marked): printed, and written to sweep_summary.{csv,json}; then, where a configuration ran several seeds, each
+    configuration's mean and interval over its seeds, best first."""
     rows = sorted((job_row(d) for d in sweep_dir.iterdir() if (d / ".hydra").is_dir()), key=rank)
     if not rows:
         return rows
-    from hsci.record import rundir  # imports torch: kept out of start-up, where Hydra makes this callback
+    from hsci.analysis import plots  # these import NumPy, torch: kept out of start-up, where Hydra makes this callback
+    from hsci.record import rundir
 
-    rundir.write_json(sweep_dir / "sweep_summary.json", {"jobs": rows})
+    if rows[0]["status"] == "completed":
+        rows[0]["best"] = "*"
+    axes = numeric_axes([assignments(row["overrides"].split()) for row in rows])
+    if len(axes) == 1 and len(varying(rows)) == 1:  # one value swept (besides the seed), a number: in its order
+        rows.sort(key=lambda row: float(assignments(row["overrides"].split())[axes[0]]))
+    axis = axes[0] if len(axes) == 1 and len(varying(rows)) == 1 else None
+    groups = by_config(sweep_dir)
+    rundir.write_json(sweep_dir / "sweep_summary.json", {"jobs": rows} | ({"configs": groups} if groups else {}))
     columns = list(dict.fromkeys(k for row in rows for k in row))
     with open(sweep_dir / "sweep_summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
-    report.sweep_table(rows, str(sweep_dir / "sweep_summary.csv"))
+    report.sweep_table(rows, str(sweep_dir / "sweep_summary.csv"), f"ordered by {axis}" if axis else "best first")
+    metric = next((k for row in rows for k in row if k.startswith("best_val")), None)
+    try:
+        drawn = plots.draw_sweep(sweep_dir, rows, metric) if metric else None
+    except Exception as e:  # a plot is never worth a sweep's outcome
+        drawn = None
+        report.console.print(f"note: the sweep's plot was not drawn ({type(e).__name__}: {e})", markup=False)
+    if drawn:
+        report.console.print(f"sweep plot: {drawn}", markup=False, soft_wrap=True)
+    if groups:
+        report.rows_table(groups, f"by configuration over its seeds: {groups[0]['metric']}, best mean first",
+                          numbers=("n", "mean", "95% CI", "std", "min", "max", "test mean"))
     return rows
+
+
+def varying(rows: list[dict]) -> list[str]:
+    """The keys besides the seed whose values differ from job to job."""
+    each = [assignments(row["overrides"].split()) for row in rows]
+    return [k for k in sorted({k for a in each for k in a}) if k != "seed" and len({a.get(k) for a in each}) > 1]
+
+
+def by_config(sweep_dir: Path) -> list[dict]:
+    """Where some configuration ran several seeds: each configuration's mean of the monitored validation value
+    over its seeds, with its interval (hsci/analysis/stats.py), best first; and its mean test value."""
+    from hsci import UserError
+    from hsci.analysis.compare import compare
+    from hsci.analysis.found import find
+
+    runs, _ = find([str(sweep_dir)])
+    done = [run for run in runs if run.status == "completed" and run.summary.get("monitor")]
+    if not done:
+        return []
+    monitor = done[0].summary["monitor"].removeprefix("val_")
+    try:
+        val, test = compare(done, f"val.{monitor}"), compare(done, f"test.{monitor}")
+    except UserError:  # runs on different test splits (a sweep over the split): no configuration means
+        return []
+    if all(g["n"] < 2 for g in val["groups"]):
+        return []
+    test_means = {g["label"]: g["mean"] for g in test["groups"]}
+    ranked = sorted(val["groups"], key=lambda g: -g["mean"] if val["higher_is_better"] else g["mean"])
+    return [{"config": g["label"], "metric": val["metric"], "n": g["n"], "mean": g["mean"],
+             "95% CI": f"{g['ci_low']:.4f} to {g['ci_high']:.4f}" if g["ci_low"] is not None else "-",
+             "std": g["std"], "min": g["min"], "max": g["max"], "test mean": test_means.get(g["label"])}
+            for g in ranked]
 
 
 def job_row(job_dir: Path) -> dict:
@@ -124,7 +178,8 @@ def rank(row: dict) -> tuple:
     """Completed jobs first, best validation metric first; then the rest by job number."""
     best = next((v for k, v in row.items() if k.startswith("best_")), None)
     if row["status"] != "completed" or best is None:
-        return (1, 0.0, int(row["job"]) if row["job"].isdigit() else 0)
+        number = row["job"].split("_")[0]  # <number>_<what the job varies>
+        return (1, 0.0, int(number) if number.isdigit() else 0)
     return (0, -best if row["mode"] == "max" else best, 0)
 
 

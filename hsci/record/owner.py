@@ -15,6 +15,7 @@ Nothing here imports torch: `hsci train resume=` looks runs up through it.
 import fcntl
 import functools
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from hsci import Refused, UserError, flat, one_line, quote
 
 LOCK = ".lock"
+NAMED_JOBS = "${hydra.job.num}_${hydra.job.override_dirname}"  # conf/config.yaml's hydra.sweep.subdir
 # What a folder holds once a run or a sweep has written into it.
 RECORDS = (".hydra", "summary.json", "metrics.jsonl", "steps.jsonl", "checkpoints", "sweep_summary.json")
 WRITTEN = (*RECORDS, LOCK, "train.log", "sweep_summary.csv", "multirun.yaml")  # and eval_<split>.json
@@ -201,18 +203,23 @@ class Guard(Callback):
     @_strict
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         HydraConfig.instance().set_config(config)
-        swept = [o.key_or_group for o in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-                 if o.is_sweep_override()]
+        parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        swept = [o.key_or_group for o in parsed if o.is_sweep_override()]
         _check(config, tuple(swept))  # the values every job shares; a value swept over is checked by its job
         sweep_dir = _settle(config, "sweep")
         _own(sweep_dir, "sweep")
         subdir = str(OmegaConf.to_container(config.hydra.sweep, resolve=False)["subdir"])
+        unnamable = any(re.search(r"[/\\'\"\s]", o.input_line) for o in parsed if o.is_sweep_override())
+        if subdir == NAMED_JOBS and unnamable:  # a swept value that cannot be part of a folder's name
+            subdir = "${hydra.job.num}"
         if "'" in subdir:
             raise Refused(f"hydra.sweep.subdir={subdir}: a job's folder name cannot hold a quote", 2)
         # Each job's folder is checked by `job_dir` before Hydra writes there; the expression is quoted for
         # OmegaConf in double quotes, and the override for Hydra in single ones.
         guarded = "${hsci_job_dir:" + quote(subdir, '"') + "}"
-        overrides = [f"hydra.sweep.dir={quote(str(sweep_dir))}", f"hydra.sweep.subdir={quote(guarded)}"]
+        overrides = [f"hydra.sweep.dir={quote(str(sweep_dir))}", f"hydra.sweep.subdir={quote(guarded)}",
+                     "hydra.job.config.override_dirname.exclude_keys=["  # what every job shares names none
+                     + ",".join(quote(o.key_or_group) for o in parsed if not o.is_sweep_override()) + "]"]
         if config.hydra.output_subdir == ".hydra":  # left alone for a requeued job: see `job_record`
             OmegaConf.register_new_resolver("hsci_job_record", job_record, replace=True)  # travels to every job
             overrides.append("hydra.output_subdir='${hsci_job_record:${hydra.runtime.output_dir}}'")
