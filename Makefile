@@ -34,6 +34,7 @@ coverage: setup  ## line coverage of hsci/ by the fast tests, subprocesses inclu
 smoke: setup  ## a seconds-long run through every stage
 	$(BIN)/hsci train experiment=smoke
 
-clean:  ## remove run outputs and build files (the virtual environment stays)
-	rm -rf outputs multirun dist build .pytest_cache .coverage .coverage.*
+clean:  ## remove run outputs (outputs/README.md stays) and build files (the virtual environment stays)
+	find outputs -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
+	rm -rf multirun dist build .pytest_cache .coverage .coverage.*
 	find . -name __pycache__ -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
