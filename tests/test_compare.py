@@ -69,12 +69,12 @@ def test_the_metric_statistics_are_torchmetrics_own(tmp_path):
     predicted[predicted == 3] = 0
     p = {"target": target, "predicted": predicted, "prob": np.zeros((200, 7))}
     for name, fn in (("precision", multiclass_precision), ("recall", multiclass_recall), ("f1", multiclass_f1_score)):
-        ours = predictions.classification(name, "multiclass", p)(target, predicted)
+        [ours] = predictions.classification([name], "multiclass", p)(target, predicted)
         theirs = fn(torch.from_numpy(predicted), torch.from_numpy(target), num_classes=7, average="macro").item()
         assert ours == pytest.approx(theirs, abs=1e-6), name
     target, predicted = rng.integers(0, 2, 100), rng.integers(0, 2, 100)
     for name, fn in (("precision", binary_precision), ("recall", binary_recall), ("f1", binary_f1_score)):
-        ours = predictions.classification(name, "binary", {})(target, predicted)
+        [ours] = predictions.classification([name], "binary", {})(target, predicted)
         theirs = fn(torch.from_numpy(predicted), torch.from_numpy(target)).item()
         assert ours == pytest.approx(theirs, abs=1e-6), name
 
@@ -261,3 +261,14 @@ def test_a_regression_run_plots_predicted_against_true(tmp_path):
     with Image.open(run / "predicted.png") as png:
         assert png.format == "PNG"
     assert (run / "curves.png").is_file() and not (run / "confusion.png").exists()
+
+
+def test_a_test_split_too_small_to_tell_a_point_is_said_to_be_so_when_the_run_starts(tmp_path):
+    result = hsci("train", "experiment=smoke", "data=fake", "data.train_size=64", "data.test_size=40",
+                  "trainer.epochs=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    note = "note: the test split holds 40 examples: one of them moves accuracy by 2.5 points"
+    assert note in lines and lines.index(note) < next(i for i, x in enumerate(lines) if x.startswith("epoch 1"))
+    assert "test split, best checkpoint (epoch 1), 40 examples" in result.stdout and "acc" in result.stdout
+    assert "(95% CI " in result.stdout

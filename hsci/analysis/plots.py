@@ -4,9 +4,9 @@
   (metrics.jsonl);
 - `confusion.png` for classification: the test split's confusion matrix, with the class names (summary.json's
   `classes`, test_predictions.npz); `predicted.png` for regression: predicted against true values;
-- a sweep's `sweep.png`: the monitored validation value against each numeric value swept (log scale where the
-  values span a factor of 100 or more, as learning rates and weight decays do), each configuration's mean over
-  its seeds with its interval where there are seeds.
+- a sweep's `sweep.png`: the monitored validation value against each numeric value swept (log scale for learning
+  rates and weight decays, and wherever the values span a factor of 100 or more), each value's mean over its
+  jobs with its interval where there are 3 or more.
 
 matplotlib draws without pyplot or a display (its Agg canvas): headless, in CI, over SSH.
 """
@@ -22,6 +22,7 @@ from hsci import UserError
 from hsci.record import predictions
 
 CURVES, CONFUSION, PREDICTED, SWEEP = "curves.png", "confusion.png", "predicted.png", "sweep.png"
+DPI = 80
 
 
 def _figure(width: float, height: float, **margins: float):
@@ -80,7 +81,7 @@ def curves(records: list[dict], summary: dict, path: Path) -> Path:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.suptitle(f"{summary.get('name', '')}: {summary.get('status', '')}", fontsize=10)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=DPI)
     return path
 
 
@@ -109,7 +110,7 @@ def confusion(p: dict, classes: list[str] | None, path: Path) -> Path:
     ax.set_title(f"test split: {len(p['target'])} examples, accuracy {np.mean(p['target'] == p['predicted']):.4f}",
                  fontsize=10)
     fig.colorbar(image, ax=ax, label="share of the true class")
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=DPI)
     return path
 
 
@@ -125,7 +126,7 @@ def predicted(p: dict, path: Path) -> Path:
     ax.set_title(f"test split: {len(p['target'])} examples", fontsize=10)
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=DPI)
     return path
 
 
@@ -157,14 +158,14 @@ def draw_sweep(sweep_dir: Path, jobs: list[dict], metric: str) -> Path | None:
                         yerr=[[s["mean"] - s["ci_low"] for _, s in with_ci], [s["ci_high"] - s["mean"] for _, s in
                                                                               with_ci]],
                         fmt="none", color="black", capsize=3, label="95% interval")
-        if min(values) > 0 and max(values) / min(values) >= 100:
+        if min(values) > 0 and (max(values) / min(values) >= 100 or key.endswith(("lr", "weight_decay"))):
             ax.set_xscale("log")
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     path = sweep_dir / SWEEP
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=DPI)
     return path
 
 

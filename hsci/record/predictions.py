@@ -57,21 +57,25 @@ def intervals(p: dict[str, np.ndarray], task: str, names: list[str], seed: int) 
     out = {"level": LEVEL, "n": n}
     if n == 0:
         return out
-    rng = np.random.default_rng(seed)
-    for name in names:
-        if name in ("acc", "top5"):
-            hits = predicted == target if name == "acc" else top5_hits(p)
-            ci = stats.binomtest(int(hits.sum()), n).proportion_ci(LEVEL, method="wilson")
-            out[name] = {"low": float(ci.low), "high": float(ci.high), "method": "wilson"}
-            continue
-        statistic = STATISTICS[name] if task == "regression" else classification(name, task, p)
-        if n < 2:
-            continue
-        result = stats.bootstrap((target, predicted), statistic, paired=True, vectorized=True, n_resamples=RESAMPLES,
-                                 confidence_level=LEVEL, method="percentile", batch=100, random_state=rng)
-        low, high = (float(v) for v in result.confidence_interval)
+    for name in [name for name in names if name in ("acc", "top5")]:
+        hits = predicted == target if name == "acc" else top5_hits(p)
+        ci = stats.binomtest(int(hits.sum()), n).proportion_ci(LEVEL, method="wilson")
+        out[name] = {"low": float(ci.low), "high": float(ci.high), "method": "wilson"}
+    rest = [name for name in names if name not in ("acc", "top5")]
+    if not rest or n < 2:
+        return out
+    if task == "regression":
+        def statistic(t: np.ndarray, q: np.ndarray, axis: int = -1) -> np.ndarray:  # all on the same resamples
+            return np.stack([STATISTICS[name](t, q, axis) for name in rest])
+    else:
+        statistic = classification(rest, task, p)
+    result = stats.bootstrap((target, predicted), statistic, paired=True, vectorized=True, n_resamples=RESAMPLES,
+                             confidence_level=LEVEL, method="percentile", batch=250,
+                             random_state=np.random.default_rng(seed))
+    for name, low, high in zip(rest, *(np.atleast_1d(v) for v in result.confidence_interval)):
         if np.isfinite(low) and np.isfinite(high):
-            out[name] = {"low": low, "high": high, "method": f"bootstrap ({RESAMPLES} resamples of the test examples)"}
+            out[name] = {"low": float(low), "high": float(high),
+                         "method": f"bootstrap ({RESAMPLES} resamples of the test examples)"}
     return out
 
 
@@ -88,26 +92,23 @@ def top5_hits(p: dict[str, np.ndarray]) -> np.ndarray:
     return (top == p["target"][:, None]).any(1)
 
 
-def classification(name: str, task: str, p: dict[str, np.ndarray]):
-    """The statistic for a classification metric as torchmetrics computes it (tests check they agree): binary
-    for the positive class; macro over the classes present in the targets or the predictions, with 0 where a
-    ratio has nothing below it."""
+def classification(names: list[str], task: str, p: dict[str, np.ndarray]):
+    """The statistic of classification metrics (precision, recall, f1), stacked, as torchmetrics computes them
+    (tests check they agree): binary for the positive class; macro over the classes present in the targets or the
+    predictions, with 0 where a ratio has nothing below it."""
     classes = np.arange(2 if task == "binary" else p["prob"].shape[1])
 
     def statistic(target: np.ndarray, predicted: np.ndarray, axis: int = -1) -> np.ndarray:
-        t = target[..., None] == classes  # (..., N, C)
-        q = predicted[..., None] == classes
-        tp, fp, fn = (t & q).sum(-2), (~t & q).sum(-2), (t & ~q).sum(-2)  # (..., C)
-        if name == "precision":
-            score = _ratio(tp, tp + fp)
-        elif name == "recall":
-            score = _ratio(tp, tp + fn)
-        else:
-            score = _ratio(2 * tp, 2 * tp + fp + fn)
+        cells = np.apply_along_axis(np.bincount, -1, target * len(classes) + predicted, minlength=len(classes) ** 2)
+        confusion = cells.reshape(*cells.shape[:-1], len(classes), len(classes))  # (..., true, predicted)
+        tp = np.diagonal(confusion, axis1=-2, axis2=-1)
+        fp, fn = confusion.sum(-2) - tp, confusion.sum(-1) - tp  # (..., C)
+        scores = {"precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn),
+                  "f1": _ratio(2 * tp, 2 * tp + fp + fn)}
         if task == "binary":
-            return score[..., 1]
+            return np.stack([scores[name][..., 1] for name in names])
         present = (tp + fp + fn) > 0
-        return (score * present).sum(-1) / np.maximum(present.sum(-1), 1)
+        return np.stack([(scores[name] * present).sum(-1) / np.maximum(present.sum(-1), 1) for name in names])
 
     return statistic
 
