@@ -19,6 +19,8 @@ VERBS = {
     "bench": "how fast will this config train here: hsci bench [key=value ...] [steps=30 warmup=5]",
     "trust": "let eval and resume build what a run directory from elsewhere names: hsci trust run=<run dir>",
     "runs": "list runs, newest first: hsci runs [outputs ...] [status=completed] [name=<glob>] [last=N] [--json]",
+    "tune": "search settings with Optuna, pruning bad trials: hsci tune [key=value ...] 'optimizer.lr="
+            "tag(log,interval(1e-4,1e-1))' ... [trials=20] [pruner=median|none] [resume=<tune dir>|latest]",
     "plot": "draw a run's plots again from its records: hsci plot run=<run dir>|latest",
     "compare": "compare runs grouped by config, seeds as replicates: hsci compare <runs, sweeps or globs ...> "
                "[metric=test.acc] [baseline=N] [out=<dir>]",
@@ -63,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         rest = [_logspace(_home(arg)) for arg in args[1:]]
         if verb == "train":
             return train(rest)
+        if verb == "tune":
+            from hsci.jobs import tune  # each trial is an `hsci train` of its own, in this process
+
+            return one_line_errors(lambda args: tune.run_tune(args, train), rest)
         if verb == "eval":
             from hsci.loop import evaluate  # imports torch
 

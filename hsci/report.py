@@ -138,11 +138,11 @@ def metrics_table(title: str, metrics: dict, ci: dict | None = None) -> None:
         console.print(f"{title}  " + "  ".join(cells), markup=False, soft_wrap=True)
 
 
-def sweep_table(rows: list[dict], where: str, order: str = "best first") -> None:
-    """All jobs of a sweep, in `order` (printed only: a sweep has no log of its own)."""
+def sweep_table(rows: list[dict], where: str, order: str = "best first", what: str = "sweep") -> None:
+    """All jobs of a sweep (or a tune's trials), in `order` (printed only: a sweep has no log of its own)."""
     keys = list(dict.fromkeys(k for row in rows for k in row if k not in ("run_dir", "mode")))
     if console.is_terminal:
-        table = Table(title=f"sweep: {len(rows)} jobs, {order}")
+        table = Table(title=f"{what}: {len(rows)} {'trials' if what == 'tune' else 'jobs'}, {order}")
         for key in keys:
             table.add_column(key, justify="left" if key in ("overrides", "status", "error") else "right")
         for row in rows:
@@ -152,7 +152,7 @@ def sweep_table(rows: list[dict], where: str, order: str = "best first") -> None
         for row in rows:
             cells = (f"{k} {_fmt(k, row[k])}" for k in keys if row.get(k) not in (None, ""))
             console.print("  ".join(cells), markup=False, soft_wrap=True)
-    console.print(f"sweep summary: {where}", markup=False, soft_wrap=True)
+    console.print(f"{what} summary: {where}", markup=False, soft_wrap=True)
 
 
 def runs_table(rows: list[dict], title: str) -> None:

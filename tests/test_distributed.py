@@ -101,6 +101,7 @@ def test_two_processes_train_what_one_does_in_one_run_directory(one_process, tmp
     assert result.stdout.count("epoch 2  train_loss") == 1
 
 
+@pytest.mark.slow  # three runs of two ranks each, with a reference: 1.5 minutes
 def test_sigterm_stops_every_rank_at_one_step_and_resume_is_exact(tmp_path):
     epochs = ["trainer.epochs=5", "data.random_crop_padding=1", "data.horizontal_flip=true", "trainer.log_every=7"]
     (tmp_path / "reference").mkdir()

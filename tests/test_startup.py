@@ -60,3 +60,14 @@ def test_digits_are_read_as_scikit_learn_loads_them(monkeypatch):
         pixels, labels = hsci.data._digits()
         assert (pixels == bunch.images).all() and (labels == bunch.target).all()
         assert (pixels.dtype, labels.dtype) == (bunch.images.dtype, bunch.target.dtype)
+
+
+def test_hsci_runs_reads_records_without_torch_or_scipy(smoke, tmp_path):
+    import shutil
+
+    shutil.copytree(smoke[0], tmp_path / "outputs" / "day" / "run")
+    code = ("import sys; from hsci.cli import main; code = main(sys.argv[1:]); "
+            "print(*sorted(m for m in ('torch', 'scipy', 'matplotlib', 'hydra') if m in sys.modules)); sys.exit(code)")
+    result = fresh(code, "runs", cwd=tmp_path)
+    assert result.returncode == 0 and "1 of 1 runs" in result.stdout, result.stderr
+    assert result.stdout.splitlines()[-1] == ""  # none of them

@@ -17,7 +17,8 @@ SKIP = {"checkpoints", ".hydra", "__pycache__"}  # folders inside a run that hol
 
 @dataclass(frozen=True)
 class Run:
-    """A run directory and its summary.json; `sweep` is the sweep's folder when the run is one of its jobs."""
+    """A run directory and its summary.json; `sweep` is the sweep's (or the tune's) folder when the run is one of its
+    jobs (trials)."""
 
     dir: Path
     summary: dict
@@ -74,7 +75,8 @@ def find(places: list[str]) -> tuple[list[Run], int]:
                 except (OSError, ValueError):
                     unreadable += 1
                     continue
-                sweep = folder.parent if (folder.parent / "multirun.yaml").is_file() else None
+                sweep = folder.parent if any((folder.parent / f).is_file() for f in ("multirun.yaml", "tune.json")) \
+                    else None
                 runs[folder.resolve()] = Run(folder, summary if isinstance(summary, dict) else {}, sweep)
     return list(runs.values()), unreadable
 

@@ -120,6 +120,8 @@ def finish(summary: dict, hydra_cfg) -> None:
     """Show the outcome. A single run exits non-zero unless it completed; a sweep goes on to its next job."""
     if summary["status"] == "completed":
         return report.final(summary)
+    if summary["status"] == "pruned":  # a tune's trial that its pruner stopped: the tune goes on
+        return report.say(f"run pruned: {summary['error']}; run directory: {summary['run_dir']}")
     status = summary["status"]
     message = summary["error"] if status == "failed" else f"run {status}: {summary['error']}"
     if status != "failed":  # a failure was logged with its traceback

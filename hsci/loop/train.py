@@ -15,6 +15,7 @@ import signal
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,6 +32,9 @@ from hsci.record.comparable import class_names, comparable
 from hsci.record.resume import Position, checkpoint, restore
 
 STEPS = "steps.jsonl"  # a line per reading (see Readings)
+# A tune's pruner (hsci/jobs/tune.py), asked after each epoch with its number and monitored validation value whether
+# to stop the run there; None outside a tune, whose trials run in one process.
+judge: Callable[[int, float], bool] | None = None
 
 
 def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = None, world: World = SINGLE) -> dict:
@@ -111,6 +115,13 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
                 rundir.save_checkpoint(run_dir / "checkpoints" / "best.pt",
                                        checkpoint(parts, optim, position, config, world))
             rundir.save_checkpoint(last, checkpoint(parts, optim, position, config, world))
+        if judge is not None and judge(epoch.number, record[key]):
+            report.say(f"pruned after epoch {epoch.number}: {key} {record[key]:.4f} is not promising (the tune's "
+                       "pruner)")
+            best = position.best_record
+            return setup | {"status": "pruned", "epochs_run": position.epoch, "monitor": key, "mode": mode,
+                            "best_epoch": best["epoch"], "error": f"pruned by the tune after epoch {epoch.number}",
+                            "best_val": {k: v for k, v in best.items() if k.startswith("val_")}}
 
     world.barrier()  # rank 0 has written best.pt
     best_state = rundir.load_checkpoint(run_dir / "checkpoints" / "best.pt")
