@@ -128,8 +128,18 @@ def test_a_joblib_job_on_two_processes_starts_its_ranks(tmp_path):
                           "trainer.devices=2", *TINY, "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     for job in ("0", "1"):
-        summary = summary_of(tmp_path / "sweep" / job)
+        summary = summary_of(job_folder(tmp_path / "sweep", job))
         assert (summary["status"], summary["world_size"]) == ("completed", 2)
+
+
+def trained_an_epoch(sweep: Path, proc: subprocess.Popen) -> Path:
+    """The metrics.jsonl of the sweep's job 0, once it holds an epoch (the job trains)."""
+    while True:
+        found = [m for m in sweep.glob("0*/metrics.jsonl") if m.read_text().strip()]
+        if found:
+            return found[0]
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
 
 
 @pytest.mark.slow
@@ -141,10 +151,7 @@ def test_a_preempted_submitit_job_is_requeued_and_ends_as_if_never_stopped(tmp_p
     proc = subprocess.Popen([sys.executable, "-m", "hsci", "train", "-m", "hydra/launcher=submitit_local", *args,
                              f"hydra.sweep.dir={sweep}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    metrics = job_folder(sweep, 0) / "metrics.jsonl"
-    while not metrics.exists() or not metrics.read_text().strip():  # an epoch done: the job trains
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.01)
+    metrics = trained_an_epoch(sweep, proc)
     first = owner_pid(job_folder(sweep, 0))
     os.kill(first, signal.SIGUSR2)
     out, err = proc.communicate(timeout=300)
@@ -169,10 +176,7 @@ def test_a_sweep_whose_submitit_job_was_killed_outright_still_ends_with_its_summ
                              "trainer.epochs=30", "trainer.limit_batches=5", "trainer.device=cpu",
                              f"hydra.sweep.dir={sweep}"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    metrics = job_folder(sweep, 0) / "metrics.jsonl"
-    while not metrics.exists() or not metrics.read_text().strip():
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.01)
+    trained_an_epoch(sweep, proc)
     os.kill(owner_pid(job_folder(sweep, 0)), signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1 and "has not produced any output" in err

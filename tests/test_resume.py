@@ -240,14 +240,14 @@ def test_a_sweep_with_a_diverging_job_records_it_and_exits_non_zero(tmp_path):
 def test_an_interrupted_sweep_records_every_job_and_exits_non_zero(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "hsci", "train", "-m", "trainer.epochs=30", "seed=0,1,2"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not list((tmp_path / "outputs").glob("multirun/*/*/0/metrics.jsonl")):
+    while not list((tmp_path / "outputs").glob("multirun/*/*/0_seed=0/metrics.jsonl")):
         assert proc.poll() is None
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     [sweep] = (tmp_path / "outputs" / "multirun").glob("*/*")
-    jobs = {job["job"]: job for job in json.loads((sweep / "sweep_summary.json").read_text())["jobs"]}
+    jobs = {job["job"].split("_")[0]: job for job in json.loads((sweep / "sweep_summary.json").read_text())["jobs"]}
     assert [jobs[n]["status"] for n in "012"] == ["interrupted"] * 3
     assert "SIGINT at epoch" in jobs["0"]["error"] and "not started" in jobs["2"]["error"]
     assert "3 of 3 jobs did not complete" in err

@@ -210,7 +210,7 @@ class Guard(Callback):
         _own(sweep_dir, "sweep")
         subdir = str(OmegaConf.to_container(config.hydra.sweep, resolve=False)["subdir"])
         unnamable = any(re.search(r"[/\\'\"\s]", o.input_line) for o in parsed if o.is_sweep_override())
-        if subdir == NAMED_JOBS and unnamable:  # a swept value that cannot be part of a folder's name
+        if subdir == NAMED_JOBS and (unnamable or not swept):  # nothing to name, or a value no folder name holds
             subdir = "${hydra.job.num}"
         if "'" in subdir:
             raise Refused(f"hydra.sweep.subdir={subdir}: a job's folder name cannot hold a quote", 2)
