@@ -29,7 +29,7 @@ VERBS = {
 
 def usage() -> str:
     lines = ["usage: hsci <command> [key=value ...]", "", "commands:"]
-    lines += [f"  {verb:<8}{text}" for verb, text in VERBS.items()]
+    lines += [f"  {verb:<9}{text}" for verb, text in VERBS.items()]
     lines += ["", "config groups (choose one option each: hsci train data=cifar10 model=resnet18):"]
     for group in sorted(d for d in config_dir().iterdir() if d.is_dir()):
         options = sorted(f.stem for f in group.glob("*.yaml"))

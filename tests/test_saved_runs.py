@@ -40,3 +40,19 @@ def test_a_run_stopped_before_resumes_to_what_it_would_have_ended_with(tmp_path)
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [1, 2, 3]
+
+
+def test_runs_saved_before_hsci_recorded_what_makes_them_comparable_are_listed_and_compared(tmp_path):
+    for name in ("whole", "cut"):
+        shutil.copytree(SAVED / name, tmp_path / "outputs" / "day" / name)
+    listed = json.loads(hsci("runs", "--json", cwd=tmp_path).stdout)
+    assert {(r["name"], r["status"], r["epochs"]) for r in listed} == {("digits_mlp", "completed", "3/3"),
+                                                                      ("digits_mlp", "interrupted", "1/3")}
+    resumed = hsci("train", f"resume={tmp_path / 'outputs' / 'day' / 'cut'}", cwd=tmp_path)  # now as whole ended
+    assert resumed.returncode == 0, resumed.stderr
+    result = hsci("compare", "outputs", f"out={tmp_path / 'cmp'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    [group] = out["groups"]  # one config, recorded by the old run's saved config and the resumed run's summary
+    assert group["n"] == 2 and group["config"]["model.hidden"] == [32] and "seed" not in group["config"]
+    assert out["unfingerprinted"] == 1 and "1 run(s) saved before hsci recorded test splits" in result.stdout

@@ -73,7 +73,8 @@ def compare(runs: list[Run], metric: str | None = None, baseline: str | None = N
     differs = _differs(groups)
     labels = _labels(groups, differs)
     out = {"metric": metric, "higher_is_better": higher, "baseline": number, "groups": [], "left_out": left_out,
-           "test_split": groups[0][0].summary.get("comparable", {}).get("test_split")}
+           "test_split": next((r.comparable["test_split"] for g in groups for r in g if r.comparable.get("test_split")),
+                              None), "unfingerprinted": sum(not r.comparable.get("test_split") for r in valued)}
     base = groups[number - 1]
     base_values = [r.value(metric) for r in base]
     for i, (group, label) in enumerate(zip(groups, labels), 1):
@@ -93,18 +94,22 @@ def compare(runs: list[Run], metric: str | None = None, baseline: str | None = N
 
 
 def _same_test_split(runs: list[Run]) -> None:
-    splits = {}
+    """Refuse runs of other datasets, or whose test splits' fingerprints differ; a run saved before hsci took
+    fingerprints is taken to share the others' split (notes() says how many)."""
+    datasets, splits = {}, {}
     for run in runs:
-        comparable = run.summary.get("comparable") or {}
-        splits.setdefault((comparable.get("data"), comparable.get("test_split")), run)
-    if len(splits) > 1:
-        (a, run_a), (b, run_b) = list(splits.items())[:2]
-        raise UserError(f"{run_a.dir} and {run_b.dir} were tested on different test splits ({a[0]} {a[1]} against "
-                        f"{b[0]} {b[1]}): their metrics are not comparable; compare runs of one dataset and split")
+        datasets.setdefault(run.comparable.get("data"), run)
+        if run.comparable.get("test_split"):
+            splits.setdefault(run.comparable["test_split"], run)
+    for found in (datasets, splits):
+        if len(found) > 1:
+            (a, run_a), (b, run_b) = list(found.items())[:2]
+            raise UserError(f"{run_a.dir} and {run_b.dir} were tested on different test splits ({a} against {b}): "
+                            "their metrics are not comparable; compare runs of one dataset and split")
 
 
 def _config(run: Run) -> dict:
-    return (run.summary.get("comparable") or {}).get("config") or {}
+    return run.comparable.get("config") or {}
 
 
 def _groups(runs: list[Run]) -> list[list[Run]]:
@@ -194,6 +199,9 @@ def notes(result: dict) -> list[str]:
         lines.append(f"{left['without_metric']} run(s) without {result['metric']}: left out")
     if left["unreadable"]:
         lines.append(f"{left['unreadable']} folder(s) without a readable summary.json: left out")
+    if result["unfingerprinted"]:
+        lines.append(f"{result['unfingerprinted']} run(s) saved before hsci recorded test splits: their split is taken "
+                     "to be the others'")
     return lines
 
 

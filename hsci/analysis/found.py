@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hsci import UserError
-from hsci.record.comparable import lower_is_better
+from hsci.record.comparable import experiment, lower_is_better
 
 SKIP = {"checkpoints", ".hydra", "__pycache__"}  # folders inside a run that hold no other run
 
@@ -31,6 +31,22 @@ class Run:
     @property
     def seed(self):
         return self.summary.get("seed")
+
+    @property
+    def comparable(self) -> dict:
+        """summary.json's `comparable`; for a run saved before hsci recorded it, its experiment's config from its
+        saved config (.hydra/config.yaml), and no fingerprint of its splits."""
+        if self.summary.get("comparable"):
+            return self.summary["comparable"]
+        import yaml
+
+        try:
+            config = yaml.safe_load((self.dir / ".hydra" / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            return {}
+        data = config.get("data") if isinstance(config, dict) else None
+        return {"data": data.get("_target_") if isinstance(data, dict) else None, "test_split": None,
+                "config": experiment(config) if isinstance(config, dict) else {}}
 
     def value(self, metric: str) -> float | None:
         """`test.acc` (the best checkpoint's test metric) or `val.acc` (the best validation value)."""

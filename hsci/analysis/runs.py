@@ -73,7 +73,7 @@ def row(run: Run) -> dict:
     monitor = s.get("monitor")
     best = (s.get("best_val") or {}).get(monitor) if monitor else None
     test_key = monitor.removeprefix("val_") if monitor else None
-    epochs = (s.get("comparable") or {}).get("config", {}).get("trainer.epochs")
+    epochs = run.comparable.get("config", {}).get("trainer.epochs")
     return {"started": (s.get("started") or "")[:16].replace("T", " "), "name": s.get("name"), "status": run.status,
             "epochs": f"{s.get('epochs_run', 0)}/{epochs}" if epochs else s.get("epochs_run"),
             "best_val": f"{monitor} {best:.4f}" if isinstance(best, (int, float)) else None,
