@@ -5,6 +5,7 @@ are, the errors hsci reports to the user in one line, and a console that never f
 """
 
 import io
+import itertools
 import os
 import re
 import sys
@@ -41,6 +42,18 @@ def user_error(e: BaseException | None) -> UserError | None:
 def flat(text: object) -> str:
     """A message (an exception's, say) on one line: its lines and runs of spaces joined by single spaces."""
     return " ".join(str(text).split())
+
+
+def new_folder(base: Path) -> Path:
+    """Create the folder `base`, or base_2, base_3, ... when another process took it at the same moment (runs,
+    tunes and comparisons are named by the second they start)."""
+    for n in itertools.count(1):
+        folder = base if n == 1 else base.with_name(f"{base.name}_{n}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
 
 
 def config_dir() -> Path:

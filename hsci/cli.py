@@ -2,14 +2,13 @@
 `hsci --help` answers without importing torch or Hydra, so it is instant."""
 
 import io
-import itertools
 import os
 import re
 import signal
 import sys
 from pathlib import Path
 
-from hsci import Refused, best_effort, config_dir, flat, interrupt, one_line, quote
+from hsci import Refused, best_effort, config_dir, flat, interrupt, new_folder, one_line, quote
 
 VERBS = {
     "train": "train, validate every epoch, test the best checkpoint: hsci train [key=value ...]; "
@@ -278,17 +277,11 @@ class _HeldStderr(io.TextIOBase):
 
 def _new_dir(path: str) -> str:
     """Create the run directory `path`, or path_2, path_3, ... when a run started at the same moment took it."""
-    base = Path(path)
-    for n in itertools.count(1):
-        candidate = base if n == 1 else base.with_name(f"{base.name}_{n}")
-        try:
-            candidate.mkdir(parents=True)
-            return str(candidate)
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise ValueError(f"cannot create the run directory {candidate} ({e.strerror}): start hsci in a "
-                             "writable folder or set hydra.run.dir=<writable folder>") from None
+    try:
+        return str(new_folder(Path(path)))
+    except OSError as e:
+        raise ValueError(f"cannot create the run directory {e.filename} ({e.strerror}): start hsci in a "
+                         "writable folder or set hydra.run.dir=<writable folder>") from None
 
 
 def _hydra_app(task):

@@ -17,7 +17,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from hsci import UserError, report
+from hsci import UserError, new_folder, report
 from hsci.analysis import stats
 from hsci.analysis.found import Run, arguments, assignments, find, higher_is_better, monitored
 from hsci.record import predictions
@@ -35,8 +35,8 @@ def run_compare(args: list[str]) -> int:
     runs, unreadable = find(places)
     result = compare(runs, options.get("metric"), options.get("baseline"))
     result["left_out"]["unreadable"] = unreadable
-    out = Path(options["out"]) if "out" in options else Path("outputs", "compare", time.strftime("%Y-%m-%d"),
-                                                                 time.strftime("%H-%M-%S"))
+    day, now = time.strftime("%Y-%m-%d"), time.strftime("%H-%M-%S")
+    out = Path(options["out"]) if "out" in options else new_folder(Path("outputs", "compare", day, now))
     show(result)
     write(result, out)
     report.say(f"written: {out / 'compare.md'}, compare.json, compare.png")

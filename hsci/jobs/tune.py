@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from hsci import UserError, interrupt, quote, report
+from hsci import UserError, interrupt, new_folder, quote, report
 
 OPTIONS = ("trials", "pruner", "resume")
 USAGE = ("usage: hsci tune [key=value ...] 'key=interval(a,b)' 'key=choice(a,b)' ... [trials=20] [pruner=median|none] "
@@ -47,8 +47,8 @@ def run_tune(args: list[str], train: Callable[[list[str]], int]) -> int:
         plan = json.loads((tune_dir / "tune.json").read_text())
     else:
         plan = _plan(rest, pruner)
-        tune_dir = _new_dir(Path("outputs", "tune", time.strftime("%Y-%m-%d"),
-                                 f"{time.strftime('%H-%M-%S')}_{plan['name']}"))
+        tune_dir = new_folder(Path("outputs", "tune", time.strftime("%Y-%m-%d"),
+                                   f"{time.strftime('%H-%M-%S')}_{plan['name']}"))
         (tune_dir / "tune.json").write_text(json.dumps(plan, indent=1) + "\n")
     return search(tune_dir, plan, trials, pruner, train)
 
@@ -134,17 +134,6 @@ def _find_tune(name: str) -> Path:
     if not (folder / "tune.json").is_file() or not (folder / "study.db").is_file():
         raise UserError(f"resume={name}: {folder} is not a tune's folder (no tune.json and study.db)")
     return folder
-
-
-def _new_dir(base: Path) -> Path:
-    for n in range(1, 1000):
-        folder = base if n == 1 else base.with_name(f"{base.name}_{n}")
-        try:
-            folder.mkdir(parents=True)
-            return folder
-        except FileExistsError:
-            continue
-    raise UserError(f"cannot make a new folder for the tune next to {base}")
 
 
 def study_of(tune_dir: Path, plan: dict, seed_offset: int = 0):
