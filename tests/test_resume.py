@@ -96,6 +96,7 @@ def test_stopped_by_signals_then_resumed_ends_bit_identical(reference, tmp_path)
     assert readings(run) == readings(reference)  # each reading once, at the same steps, the same values
 
 
+@pytest.mark.slow  # five runs killed outright, each resumed: three quarters of a minute
 def test_killed_at_random_moments_keeps_readable_checkpoints_and_resumes_exactly(reference, tmp_path):
     rng = random.Random(0)
     proc = start(EXPERIMENT, tmp_path)

@@ -48,11 +48,15 @@ def test_runs_saved_before_hsci_recorded_what_makes_them_comparable_are_listed_a
     listed = json.loads(hsci("runs", "--json", cwd=tmp_path).stdout)
     assert {(r["name"], r["status"], r["epochs"]) for r in listed} == {("digits_mlp", "completed", "3/3"),
                                                                       ("digits_mlp", "interrupted", "1/3")}
-    resumed = hsci("train", f"resume={tmp_path / 'outputs' / 'day' / 'cut'}", cwd=tmp_path)  # now as whole ended
-    assert resumed.returncode == 0, resumed.stderr
+    again = tmp_path / "outputs" / "day" / "again"  # the same run with another seed, as an old sweep left it
+    shutil.copytree(SAVED / "whole", again)
+    (again / "summary.json").write_text(json.dumps(summary_of(again) | {"seed": 1}))
+    config = again / ".hydra" / "config.yaml"
+    config.write_text(config.read_text().replace("seed: 0\n", "seed: 1\n", 1))  # the first line; not split_seed
     result = hsci("compare", "outputs", f"out={tmp_path / 'cmp'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    [group] = out["groups"]  # one config, recorded by the old run's saved config and the resumed run's summary
+    [group] = out["groups"]  # one config, read from the runs' saved configs: the seed is not part of it
     assert group["n"] == 2 and group["config"]["model.hidden"] == [32] and "seed" not in group["config"]
-    assert out["unfingerprinted"] == 1 and "1 run(s) saved before hsci recorded test splits" in result.stdout
+    assert out["unfingerprinted"] == 2 and "2 run(s) saved before hsci recorded test splits" in result.stdout
+    assert out["left_out"]["not_completed"] == 1  # cut

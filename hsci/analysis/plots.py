@@ -93,9 +93,9 @@ def confusion(p: dict, classes: list[str] | None, path: Path) -> Path:
     np.add.at(counts, (p["target"].astype(int), p["predicted"].astype(int)), 1)
     share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     size = min(14.0, 2.5 + 0.45 * k)
-    fig = _figure(size + 1.5, size, left=0.14, right=0.98, bottom=0.14, top=0.93)
+    fig = _figure(size, size, left=0.14, right=0.97, bottom=0.14, top=0.93)
     ax = fig.subplots()
-    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     if k <= 30:
         for i in range(k):
             for j in range(k):
@@ -107,9 +107,8 @@ def confusion(p: dict, classes: list[str] | None, path: Path) -> Path:
         ax.set_yticks(range(k), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"test split: {len(p['target'])} examples, accuracy {np.mean(p['target'] == p['predicted']):.4f}",
-                 fontsize=10)
-    fig.colorbar(image, ax=ax, label="share of the true class")
+    ax.set_title(f"test split: {len(p['target'])} examples, accuracy {np.mean(p['target'] == p['predicted']):.4f}; "
+                 "shade: share of the true class", fontsize=9)
     fig.savefig(path, dpi=DPI)
     return path
 
