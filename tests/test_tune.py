@@ -122,3 +122,12 @@ def test_a_tune_minimises_what_is_better_lower(tmp_path):
     assert study(tune_dir(tmp_path)).direction == optuna.study.StudyDirection.MINIMIZE
     refused = hsci("tune", f"resume={tune_dir(tmp_path)}", "seed=3", cwd=tmp_path)
     assert refused.returncode == 1 and "a tune keeps the space and settings it started with" in refused.stderr
+
+
+def test_failed_trials_are_recorded_as_failed_and_the_tune_goes_on(tmp_path):
+    result = hsci("tune", "experiment=smoke", "optimizer.lr=choice(1e9,1e10)", "pruner=none", "trials=2", cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.count("error: run diverged") == 2  # each trial says why
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no trial of ")
+    trials = study(tune_dir(tmp_path)).trials
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2
+    assert {t.user_attrs["status"] for t in trials} == {"diverged"}

@@ -199,8 +199,13 @@ def search(tune_dir: Path, plan: dict, trials: int, pruner: str, train: Callable
         if status == "interrupted" or code >= 128:
             report.say(f"tune stopped; continue it with: hsci tune resume={tune_dir} trials={trials}")
             break
-    summarise(tune_dir, study, plan)
-    return code if code >= 128 else 0
+    out = summarise(tune_dir, study, plan)
+    if code >= 128:
+        return code
+    if trials and out["finished"] and "best" not in out:  # every trial failed or was pruned: nothing found
+        report.error(f"no trial of {tune_dir} completed: see their train.log files")
+        return 1
+    return 0
 
 
 def _value(value) -> str:
