@@ -83,6 +83,8 @@ def test_stopped_by_signals_then_resumed_ends_bit_identical(reference, tmp_path)
         summary = summary_of(run)
         assert summary["status"] == "interrupted" and f"resume with: hsci train resume={run}" in summary["error"]
         assert f"run interrupted: {sig.name} at epoch" in (run / "train.log").read_text()
+        epochs = (run / "metrics.jsonl").is_file() and records(run)
+        assert (run / "curves.png").is_file() == bool(epochs)  # a stopped run's plots: of the epochs it has
         state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
         assert {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "stale", "config"} <= set(state)
     result = hsci("train", f"resume={run}", cwd=tmp_path)  # to the end, no signal: in this process
