@@ -90,7 +90,8 @@ def test_a_joblib_worker_gives_each_later_job_what_it_gives_alone(alone, tmp_pat
         assert f"run dir {job_folder(sweep, job)}" in log and log.count("run dir ") == 1  # its own log, no other job's
 
 
-def test_a_submitit_local_sweep_completes_with_its_summary(alone, tmp_path):
+@pytest.mark.slow  # submitit's own processes, each importing torch: half a minute (the fast suite keeps submitit's
+def test_a_submitit_local_sweep_completes_with_its_summary(alone, tmp_path):  # two-task job below)
     result = hsci_process("train", "-m", "hydra/launcher=submitit_local", "seed=0,1", *TINY, "hydra.sweep.dir=sweep",
                           cwd=tmp_path)
     assert result.returncode == 0, result.stderr
