@@ -143,7 +143,12 @@ def test_ctrl_c_during_eval_or_bench_is_one_line(finished, tmp_path):
         proc.send_signal(signal.SIGINT)
         time.sleep(0.2)
         proc.send_signal(signal.SIGINT)  # and a second one
-        out, err = proc.communicate(timeout=120)
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # it did not stop: fail, without leaving it to run on past the test
+            proc.kill()
+            proc.communicate()
+            raise
         return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
     with ThreadPoolExecutor(2) as pool:
