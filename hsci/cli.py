@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return one_line_errors(trust.run_trust, rest)
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (or a second one inside): stop, in one line
+        interrupt.taken_up()
         return fail("stopped by Ctrl-C", 128 + signal.SIGINT)
     except Refused as e:  # an argument refused before anything ran
         return fail(e.message, e.code)

@@ -31,19 +31,35 @@ def exit_code() -> int:
 
 
 def at_once(signum: int, frame) -> None:
-    """Ctrl-C that stops at once: KeyboardInterrupt, with further Ctrl-Cs ignored so none cuts the stop short.
-    Where it lands, Python may turn it into another error (inside an import, a class being made: "Error calling
-    __set_name__"), so it is recorded too, for `stopped_at_once` to tell."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Ctrl-C that stops at once: KeyboardInterrupt. Where it lands, Python may turn it into another error (inside
+    an import, a class being made: "Error calling __set_name__"), so it is recorded too, for `stopped_at_once` to
+    tell; and a library may catch that error and carry on. A further Ctrl-C is ignored once hsci has taken the stop
+    up (`taken_up`), so none cuts it short, and stops at once again if it has not."""
+    signal.signal(signal.SIGINT, _again)
     quit_now.append(signum)
     raise KeyboardInterrupt
 
 
+def _again(signum: int, frame) -> None:
+    if not taken:  # the first one was lost where it landed: this one stops
+        quit_now.append(signum)
+        raise KeyboardInterrupt
+
+
 quit_now: list[int] = []  # Ctrl-Cs that stopped this process at once
+taken: list[bool] = []  # whether hsci has taken such a stop up (reported it, or is recording it)
+
+
+def taken_up() -> None:
+    """hsci is acting on a Ctrl-C that stopped it at once: further ones are ignored."""
+    taken.append(True)
 
 
 def stopped_at_once() -> bool:
-    """Whether a Ctrl-C stopped this process at once (`at_once`): what went wrong after it is its doing."""
+    """Whether a Ctrl-C stopped this process at once (`at_once`): what went wrong after it is its doing. Asked
+    where hsci reports the stop: the stop is taken up."""
+    if quit_now:
+        taken_up()
     return bool(quit_now)
 
 

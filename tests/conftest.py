@@ -121,6 +121,7 @@ def _as_a_process(cwd: Path, env: dict | None):
     hsci_package.STARTED = time.time()
     interrupt.received.clear()
     interrupt.quit_now.clear()
+    interrupt.taken.clear()
     atexit.register, atexit.unregister = registered, unregistered
     try:
         with warnings.catch_warnings():
@@ -136,6 +137,7 @@ def _as_a_process(cwd: Path, env: dict | None):
             owner.release(folder)
         interrupt.received.clear()
         interrupt.quit_now.clear()
+        interrupt.taken.clear()
         for handler in root.handlers:
             if handler not in saved_logging[0]:
                 handler.close()

@@ -84,6 +84,7 @@ def record(cfg: DictConfig, changes: list[str], hydra_cfg, run_dir: Path) -> flo
     except Diverged as e:
         summary |= {"status": "diverged", "error": str(e)}
     except KeyboardInterrupt:  # a second Ctrl-C: out at once, the last checkpoint stays
+        interrupt.taken_up()
         summary |= {"status": "interrupted", "error": f"stopped at once; resume with hsci train resume={run_dir}"}
     except Exception as e:
         summary |= {"status": "failed", "error": report.described(e, run_dir / "train.log")}
