@@ -90,8 +90,8 @@ def test_a_joblib_worker_gives_each_later_job_what_it_gives_alone(alone, tmp_pat
         assert f"run dir {job_folder(sweep, job)}" in log and log.count("run dir ") == 1  # its own log, no other job's
 
 
-@pytest.mark.slow  # submitit's own processes, each importing torch: half a minute (the fast suite keeps submitit's
-def test_a_submitit_local_sweep_completes_with_its_summary(alone, tmp_path):  # two-task job below)
+@pytest.mark.slow  # submitit's own processes, each importing torch: half a minute
+def test_a_submitit_local_sweep_completes_with_its_summary(alone, tmp_path):
     result = hsci_process("train", "-m", "hydra/launcher=submitit_local", "seed=0,1", *TINY, "hydra.sweep.dir=sweep",
                           cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -106,6 +106,7 @@ def test_a_submitit_local_sweep_completes_with_its_summary(alone, tmp_path):  # 
         assert_same_run(job_folder(sweep, job), alone[seed])
 
 
+@pytest.mark.slow  # two submitit tasks as two ranks, and a run alone: half a minute
 def test_a_submitit_job_of_two_tasks_trains_as_two_ranks_what_one_process_does(tmp_path):
     # What a job on several nodes (or tasks per node) of a cluster gets: one Hydra job per task; rank 0 owns the
     # folder and runs the job, the other task joins it as rank 1 through the rank environment submitit exports.
