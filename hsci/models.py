@@ -6,11 +6,27 @@ imported by the builders of its models, when they run.
 """
 
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
 
 from hsci import UserError
+
+# Set while a model is built to take a checkpoint's weights (eval, resume, predict): pretrained weights are not
+# fetched, as the checkpoint holds them; the model keeps the input those weights expect.
+_restoring = ContextVar("restoring", default=False)
+
+
+@contextmanager
+def restoring():
+    """Build models whose weights a checkpoint will give: no pretrained weights are fetched meanwhile."""
+    token = _restoring.set(True)
+    try:
+        yield
+    finally:
+        _restoring.reset(token)
 
 
 def mlp(input_shape: tuple[int, ...], num_outputs: int, hidden: list[int], dropout: float) -> nn.Module:
@@ -50,7 +66,8 @@ def resnet(input_shape: tuple[int, ...], num_outputs: int, arch: str, pretrained
     if pretrained:
         weights = tvm.get_model_weights(arch).DEFAULT
         model = tvm.get_model(arch)
-        model.load_state_dict(_download(weights.url, arch))
+        if not _restoring.get():
+            model.load_state_dict(_download(weights.url, arch))
         model.fc = nn.Linear(model.fc.in_features, num_outputs)
         t = weights.transforms()
         model.pretrained_input = {"size": t.crop_size[0], "channels": 3, "mean": tuple(t.mean), "std": tuple(t.std)}

@@ -153,7 +153,7 @@ def run_eval(args: list[str]) -> int:
     else:
         cfg, checkpoint, out = compose(changes), Path(opts["checkpoint"]).expanduser().resolve(), None
     state = rundir.load_checkpoint(checkpoint)
-    p = build(cfg)
+    p = build(cfg, restoring=True)
     rundir.load_weights(p.model, state.get("model", state), checkpoint)  # an hsci checkpoint or a bare state dict
     results = evaluate(p, p.loaders.test if split == "test" else p.loaders.val, Metrics(p.data.task, p.data.num_outputs,
                                                                                      p.device))

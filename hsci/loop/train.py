@@ -44,7 +44,7 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
     `world` runs this on its share of the data; rank 0 alone writes the run directory (`world.main`).
     """
     report.config(config, OmegaConf.to_yaml(config))
-    parts = build(cfg, world=world)
+    parts = build(cfg, world=world, restoring=state is not None)  # a resumed run's weights are in its checkpoint
     trainer, data = cfg.trainer, parts.data
     steps = min(len(parts.loaders.train), trainer.limit_batches or len(parts.loaders.train))
     optim = optimizing(cfg, parts, epochs=trainer.epochs, steps_per_epoch=steps)

@@ -19,7 +19,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from hsci import UserError, config_dir, one_line, report
+from hsci import UserError, config_dir, models, one_line, report
 from hsci.parts import schema
 from hsci.parts.datasets import Data
 from hsci.parts.loaders import eval_loader, input_fn, pick_loader, train_loader
@@ -68,9 +68,10 @@ class Parts:
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def build(cfg: DictConfig, data: Data | None = None, world: World = SINGLE) -> Parts:
+def build(cfg: DictConfig, data: Data | None = None, world: World = SINGLE, restoring: bool = False) -> Parts:
     """Build the parts of a run from `cfg` (with `data` in place of the configured dataset, if given) for this
-    process's rank: every rank the same model (same seed), its own device and share of the data."""
+    process's rank: every rank the same model (same seed), its own device and share of the data. `restoring`: the
+    model's weights will come from a checkpoint (eval, resume), so no pretrained weights are fetched."""
     check_values(cfg)
     t = cfg.trainer
     device = pick_device(t.device)
@@ -95,7 +96,7 @@ def build(cfg: DictConfig, data: Data | None = None, world: World = SINGLE) -> P
                         f"{data.loading.batch_size}: {world.size} processes need full batches to take equal shares of; "
                         "use a smaller data.batch_size, or trainer.devices=1")
     check_loss(loss_fn, data.task)
-    model = instantiate(cfg.model, input_shape=data.input_shape, num_outputs=data.num_outputs).to(device)
+    model = make_model(cfg, data.input_shape, data.num_outputs, restoring).to(device)
     if t.sync_batchnorm and world.size > 1:  # batch statistics over the global batch, not each rank's share
         if device.type != "cuda":
             raise UserError(schema.SYNC_BATCHNORM_CUDA)
@@ -123,6 +124,13 @@ def build(cfg: DictConfig, data: Data | None = None, world: World = SINGLE) -> P
     loaders = Loaders(train_loader(data.train, data.loading, device, cfg.seed, kind, world), evaluated(data.val),
                       evaluated(data.test))
     return Parts(device, data, loss_fn, model, to_input, Speed(precision, channels_last, kind), loaders, world)
+
+
+def make_model(cfg: DictConfig, input_shape: tuple[int, ...], num_outputs: int, restoring: bool = False) -> nn.Module:
+    """The configured model for a dataset's input shape and outputs, on the CPU. `restoring`: its weights will come
+    from a checkpoint, so pretrained weights are not fetched (the model still carries the input they expect)."""
+    with models.restoring() if restoring else nullcontext():
+        return instantiate(cfg.model, input_shape=input_shape, num_outputs=num_outputs)
 
 
 @dataclass
