@@ -28,7 +28,7 @@ from hsci import report
 from hsci.loop.bench import synthetic
 from hsci.loop.step import Epoch, Readings, train_epoch
 from hsci.loop.train import STEPS
-from hsci.parts.build import build, compose, optimizing
+from hsci.parts.build import build, compose, make_model, optimizing
 from hsci.parts.loaders import Timed, start_epoch
 
 DEFAULTS = ["model=cnn", "data=mnist", "data.batch_size=128", "trainer.device=cpu", "trainer.precision=fp32"]
@@ -42,7 +42,7 @@ def compare(cfg, n_batches: int, rounds: int) -> dict:
     logging.basicConfig(filename=run_dir / "train.log", level=logging.INFO)  # as hsci train logs, to a file
 
     # The bare loop: its own model of the same architecture, the same optimizer, batches made and normalised once.
-    bare = instantiate(cfg.model, input_shape=p.data.input_shape, num_outputs=p.data.num_outputs).to(p.device)
+    bare = make_model(cfg, p.data.input_shape, p.data.num_outputs).to(p.device)
     bare_opt = instantiate(cfg.optimizer, params=bare.parameters())
     loss_fn = instantiate(cfg.loss)
     batches = [(p.to_input(x.to(p.device)), y.to(p.device)) for x, y in p.loaders.train]

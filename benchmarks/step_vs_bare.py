@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 
 from hsci.loop.bench import synthetic
 from hsci.loop.step import Epoch, Readings, train_epoch
-from hsci.parts.build import build, compose, optimizing
+from hsci.parts.build import build, compose, make_model, optimizing
 from hsci.parts.datasets import CropFlip, Loading, Tensors
 from hsci.parts.loaders import start_epoch, train_loader
 
@@ -38,7 +38,7 @@ def steps(cfg, n_steps: int, rounds: int) -> dict:
     optim = optimizing(cfg, p, epochs=1, steps_per_epoch=n_steps * (rounds + 1))
 
     # The bare loop: its own model of the same architecture, an already-normalised float batch.
-    bare = instantiate(cfg.model, input_shape=p.data.input_shape, num_outputs=p.data.num_outputs).to(p.device)
+    bare = make_model(cfg, p.data.input_shape, p.data.num_outputs).to(p.device)
     if p.speed.channels_last:
         bare = bare.to(memory_format=torch.channels_last)
     bare_opt = instantiate(cfg.optimizer, params=bare.parameters())

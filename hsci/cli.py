@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from hsci import Refused, best_effort, config_dir, flat, interrupt, new_folder, one_line, quote
+from hsci import Refused, UserError, best_effort, config_dir, flat, interrupt, new_folder, one_line, quote
 
 VERBS = {
     "train": "train, validate every epoch, test the best checkpoint: hsci train [key=value ...]; "
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     return fail(f"unknown command '{verb}'; commands: {', '.join(VERBS)} (see hsci --help)", 2)
 
 
-OWN_KEYS = ("resume", "run", "checkpoint", "split", "steps", "warmup")  # read by hsci itself, not by Hydra
+OWN_KEYS = ("resume", "run", "checkpoint", "split", "steps", "warmup", "init_from")  # read by hsci itself, not by Hydra
 
 
 def _home(arg: str) -> str:
@@ -155,12 +155,15 @@ def train(args: list[str]) -> int:
             return fail(refused, 2)
         if int(os.environ["RANK"]) != 0:
             return one_line_errors(_follow, args)
+    try:
+        args = [_init_from(a) for a in args]
+    except UserError as e:
+        return fail(str(e))
     resume = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
     changes: list[str] = []  # on resume: overrides applied to the run's own saved config
     if resume is not None:
         if "-m" in args or "--multirun" in args:
             return fail("resume= continues one run; it cannot be part of a sweep (-m)", 2)
-        from hsci import UserError
         from hsci.record.owner import find_run
 
         try:
@@ -206,6 +209,25 @@ def train(args: list[str]) -> int:
 
             ranks.announce(None)  # nothing, unless it announced its run
     return 0
+
+
+def _init_from(arg: str) -> str:
+    """`init_from=<run dir>|latest` (or a sweep's `init_from=a,b`) as the run directories they name, found before
+    Hydra composes the config, so that the saved config names the run itself and `latest` is the same for every
+    job of a sweep."""
+    from hsci.record.owner import find_run
+
+    key, _, value = arg.partition("=")
+    if key.lstrip("+") != "init_from" or value in ("", "null"):
+        return arg
+    runs = []
+    for name in value.split(","):
+        run = find_run(name, "init_from", needs="checkpoints/best.pt")
+        if not (run / "checkpoints" / "best.pt").is_file():
+            raise UserError(f"init_from={name}: {run} has no checkpoints/best.pt (no epoch finished): pass a run that "
+                            "completed an epoch")
+        runs.append(quote(str(run)))
+    return f"{key}={','.join(runs)}"
 
 
 HINT = " (hsci --help lists the options; hsci train --cfg job the keys)"  # after a config Hydra refused

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from hsci import UserError
+from hsci.parts.pretrained import known_model, timm_file, torch_hub_file
 
 # Set while a model is built to take a checkpoint's weights (eval, resume, predict): pretrained weights are not
 # fetched, as the checkpoint holds them; the model keeps the input those weights expect.
@@ -67,7 +68,8 @@ def resnet(input_shape: tuple[int, ...], num_outputs: int, arch: str, pretrained
         weights = tvm.get_model_weights(arch).DEFAULT
         model = tvm.get_model(arch)
         if not _restoring.get():
-            model.load_state_dict(_download(weights.url, arch))
+            path = torch_hub_file(weights.url, f"model.arch={arch} model.pretrained=true")
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         model.fc = nn.Linear(model.fc.in_features, num_outputs)
         t = weights.transforms()
         model.pretrained_input = {"size": t.crop_size[0], "channels": 3, "mean": tuple(t.mean), "std": tuple(t.std)}
@@ -106,10 +108,39 @@ def _image_shape(input_shape: tuple[int, ...], name: str) -> tuple[int, int, int
     return input_shape
 
 
-def _download(url: str, arch: str) -> dict:
-    """Pretrained weights from torch's hub cache, downloaded once; loaded as tensors only, never as code."""
+def timm(input_shape: tuple[int, ...], num_outputs: int, name: str, pretrained: bool, drop_rate: float) -> nn.Module:
+    """Any of timm's models by name (`timm.list_models()`), for the dataset's channels and classes.
+
+    Without pretrained weights, a model that takes an image size (vision transformers and their kin) is made for the
+    dataset's; other architectures take any size their downsampling leaves room for (tried here on one image). With
+    `pretrained`, timm's weights are loaded and the model carries `pretrained_input`: inputs get the weights' own
+    resize and normalisation, grayscale repeated to RGB.
+    """
+    from timm import create_model
+    from timm.data import resolve_data_config
+
+    c, h, w = _image_shape(input_shape, "timm")
+    known_model(name)
+    settings = {"num_classes": num_outputs, "drop_rate": drop_rate}
+    if pretrained:
+        loads = not _restoring.get()
+        overlay = {"file": str(timm_file(name))} if loads else None
+        model = create_model(name, pretrained=loads, pretrained_cfg_overlay=overlay, **settings)
+        size = resolve_data_config({}, model=model)
+        model.pretrained_input = {"size": size["input_size"][-1], "channels": 3, "mean": tuple(size["mean"]),
+                                  "std": tuple(size["std"])}
+        return model
     try:
-        return torch.hub.load_state_dict_from_url(url, progress=False, check_hash=True, weights_only=True)
-    except OSError as e:
-        raise UserError(f"model.pretrained=true: could not get the {arch} ImageNet weights ({e}); put "
-                        f"{url.rsplit('/', 1)[-1]} in {torch.hub.get_dir()}/checkpoints or set model.pretrained=false") from e
+        try:
+            model = create_model(name, in_chans=c, img_size=(h, w), **settings)
+        except TypeError as e:  # an architecture without a fixed image size
+            if "img_size" not in str(e):
+                raise
+            model = create_model(name, in_chans=c, **settings)
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, c, h, w))
+    except (RuntimeError, AssertionError, ValueError) as e:  # what timm's layers raise for sizes they cannot take
+        raise UserError(f"model=timm model.name={name} cannot take {h}x{w} images ({str(e).splitlines()[0][:120]}): "
+                        "use larger images (data.image_size for imagefolder), another model, or model.pretrained=true "
+                        "(inputs resized to the weights' size)") from e
+    return model.train()

@@ -259,7 +259,8 @@ def test_pretrained_resnet_uses_the_weights_resize_and_normalisation(tmp_path):
     assert "resized to 224 px" in result.stdout and "normalised with the weights' mean/std" in result.stdout
     missing = hsci("train", "model=resnet18", "model.pretrained=true", "experiment=smoke", cwd=tmp_path,
                    env={"TORCH_HOME": str(tmp_path / "empty")})
-    assert missing.returncode == 1 and "could not get the resnet18 ImageNet weights" in missing.stderr
+    assert missing.returncode == 2 and "model.arch=resnet18 model.pretrained=true: the weights are not in" in missing.stderr
+    assert len(run_dirs(tmp_path)) == 1  # refused before its run directory was made
 
 
 def test_a_terminal_gets_the_config_tree_progress_bars_and_tables(tmp_path):

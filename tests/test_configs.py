@@ -10,7 +10,7 @@ from conftest import write_cifar, write_idx, write_imagefolder
 from hsci import UserError
 from hsci.cli import config_dir
 from hsci.data import Data
-from hsci.parts.build import check_loss, compose
+from hsci.parts.build import check_loss, compose, make_model
 from hsci.parts.schema import Precision
 
 
@@ -78,27 +78,27 @@ def test_data_option_instantiates(cfg_of, option, tmp_path):
 @pytest.mark.parametrize("shape", [(3, 32, 32), (1, 8, 8), (1, 28, 28)])
 def test_model_option_instantiates_and_maps_a_batch_to_outputs(cfg_of, option, shape):
     cfg = cfg_of(f"model={option}")
-    model = instantiate(cfg.model, input_shape=shape, num_outputs=7).eval()
+    model = make_model(cfg, shape, 7).eval()
     assert model(torch.randn(2, *shape)).shape == (2, 7)
 
 
 def test_models_that_need_images_refuse_tables_with_a_clear_message(cfg_of):
     for option in ("cnn", "resnet18", "vit"):
         with pytest.raises(Exception, match="needs images.*use model=mlp"):
-            instantiate(cfg_of(f"model={option}").model, input_shape=(30,), num_outputs=1)
+            make_model(cfg_of(f"model={option}"), (30,), 1)
 
 
 def test_cifar_stem_for_small_inputs_and_the_imagenet_stem_otherwise(cfg_of):
     cfg = cfg_of("model=resnet18")
-    small = instantiate(cfg.model, input_shape=(3, 32, 32), num_outputs=10)
-    large = instantiate(cfg.model, input_shape=(3, 224, 224), num_outputs=10)
+    small = make_model(cfg, (3, 32, 32), 10)
+    large = make_model(cfg, (3, 224, 224), 10)
     assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1)
     assert isinstance(small.maxpool, torch.nn.Identity)
     assert large.conv1.kernel_size == (7, 7) and isinstance(large.maxpool, torch.nn.MaxPool2d)
 
 
 def test_cnn_is_the_classic_mnist_network(cfg_of):
-    model = instantiate(cfg_of("model=cnn").model, input_shape=(1, 28, 28), num_outputs=10)
+    model = make_model(cfg_of("model=cnn"), (1, 28, 28), 10)
     convs = [m for m in model if isinstance(m, torch.nn.Conv2d)]
     linears = [m for m in model if isinstance(m, torch.nn.Linear)]
     assert [(c.out_channels, c.kernel_size) for c in convs] == [(32, (3, 3)), (64, (3, 3))]
@@ -147,7 +147,7 @@ def test_scheduler_option_warms_up_then_follows_its_shape(cfg_of, option):
 def test_experiment_option_composes_and_builds(cfg_of, option):
     cfg = cfg_of(f"experiment={option}")
     OmegaConf.resolve(cfg.trainer)
-    model = instantiate(cfg.model, input_shape=(3, 32, 32), num_outputs=10)
+    model = make_model(cfg, (3, 32, 32), 10)
     instantiate(cfg.optimizer, params=model.parameters())
     if option == "smoke":
         assert cfg.trainer.device == "cpu" and cfg.trainer.limit_batches

@@ -14,6 +14,7 @@ import math
 import signal
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -25,9 +26,10 @@ from hsci.loop.evaluate import Metrics, evaluate, kept, monitor
 from hsci.loop.step import (DIVERGED_HINT, Diverged, Epoch, Readings, peak_memory_gb, reset_peak_memory, train_epoch,
                             warm_up)
 from hsci.parts.build import build, optimizing
+from hsci.parts.finetune import freeze_backbone, frozen_at, head
 from hsci.parts.loaders import Timed, start_epoch
 from hsci.parts.world import SINGLE, World
-from hsci.record import predictions, rundir
+from hsci.record import predictions, rundir, weights
 from hsci.record.comparable import class_names, comparable
 from hsci.record.resume import Position, checkpoint, restore
 
@@ -45,6 +47,7 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
     """
     report.config(config, OmegaConf.to_yaml(config))
     parts = build(cfg, world=world, restoring=state is not None)  # a resumed run's weights are in its checkpoint
+    started_from = None if state else weights.start_from(parts.model, cfg)  # model.weights or init_from, if set
     trainer, data = cfg.trainer, parts.data
     steps = min(len(parts.loaders.train), trainer.limit_batches or len(parts.loaders.train))
     optim = optimizing(cfg, parts, epochs=trainer.epochs, steps_per_epoch=steps)
@@ -69,10 +72,16 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
              "loader": speed.loader, "compile_s": round(compile_s, 3),
              "startup_s": round(time.time() - hsci.STARTED, 3), "world_size": world.size, "nodes": world.nodes,
              "backend": world.backend}
+    freeze = partial(frozen_at, freeze=cfg.model.get("freeze"), unfreeze_at_epoch=cfg.model.get("unfreeze_at_epoch"))
+    if freeze(position.epoch + 1):
+        freeze_backbone(parts.model, True)
+        report.say(f"backbone frozen: training only the head, {head(parts.model)},"
+                   + (f" until epoch {cfg.model.unfreeze_at_epoch}" if cfg.model.unfreeze_at_epoch else ""))
     stepping = replace(parts, model=world.wrap(parts.model, parts.device))  # the step runs DDP's model
     size = sum(weights.numel() for weights in parts.model.parameters())
     report.say("  ".join(f"{k} {v}" for k, v in setup.items()) + f"  {size:,} parameters  train/val/test "
                f"{len(data.train)}/{len(data.val)}/{len(data.test)}  run dir {run_dir}")
+    setup |= {"weights_from": started_from} if started_from else {}
     setup |= {"classes": class_names(data), "comparable": comparable(config, data) if world.main else None}
     if data.task != "regression" and 0 < len(data.test) <= 100:
         report.say(f"note: the test split holds {len(data.test)} examples: one of them moves accuracy by "
@@ -83,6 +92,9 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
             report.say(f"early stop: no better {key} for {position.stale} epochs")
             break
         epoch = Epoch.after(position, steps, parts.device)
+        if cfg.model.get("freeze") and freeze_backbone(parts.model, freeze(epoch.number)):  # thawed from this epoch
+            stepping = replace(parts, model=world.wrap(parts.model, parts.device))
+            report.say(f"epoch {epoch.number}: the backbone trains from here on")
         start_epoch(parts.loaders.train, epoch.number, epoch.step)
         batches = Timed(parts.loaders.train)
         reset_peak_memory(parts.device)

@@ -6,6 +6,8 @@
 - loaders: feeding a dataset to the device
 - world: this process's place among a run's processes, and what the ranks agree on
 - build: a composed config turned into a run's `Parts` and its `Optim`
+- pretrained: where pretrained weights come from (torch's and the Hugging Face hub's caches), fetched before a run
+- finetune: a model's head and backbone, the backbone frozen and thawed, its learning rate apart
 
 The builders that configs name in `_target_` are public and live at hsci's top level: `hsci.data`, `hsci.models`,
 `hsci.schedulers`; they build from the pieces here.

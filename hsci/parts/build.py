@@ -13,14 +13,14 @@ from typing import Callable
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from hsci import UserError, config_dir, models, one_line, report
-from hsci.parts import schema
+from hsci.parts import finetune, schema
 from hsci.parts.datasets import Data
 from hsci.parts.loaders import eval_loader, input_fn, pick_loader, train_loader
 from hsci.parts.schema import check_values
@@ -129,8 +129,9 @@ def build(cfg: DictConfig, data: Data | None = None, world: World = SINGLE, rest
 def make_model(cfg: DictConfig, input_shape: tuple[int, ...], num_outputs: int, restoring: bool = False) -> nn.Module:
     """The configured model for a dataset's input shape and outputs, on the CPU. `restoring`: its weights will come
     from a checkpoint, so pretrained weights are not fetched (the model still carries the input they expect)."""
-    with models.restoring() if restoring else nullcontext():
-        return instantiate(cfg.model, input_shape=input_shape, num_outputs=num_outputs)
+    settings = OmegaConf.masked_copy(cfg.model, [key for key in cfg.model if key not in schema.TUNING])
+    with models.restoring() if restoring or cfg.model.get("weights") else nullcontext():  # weights: from a file
+        return instantiate(settings, input_shape=input_shape, num_outputs=num_outputs)
 
 
 @dataclass
@@ -145,8 +146,11 @@ class Optim:
 
 
 def optimizing(cfg: DictConfig, parts: Parts, *, epochs: int, steps_per_epoch: int) -> Optim:
-    """The configured optimizer over the model's parameters, its schedule over the run's length, the grad scaler."""
-    opt = instantiate(cfg.optimizer, params=parts.model.parameters())
+    """The configured optimizer over the model's parameters (the backbone's at its own rate when
+    model.backbone_lr_scale is set), its schedule over the run's length, the grad scaler."""
+    scale = cfg.model.get("backbone_lr_scale", 1.0)  # the backbone's lr apart from the head's (fine-tuning)
+    params = finetune.param_groups(parts.model, cfg.optimizer.get("lr"), scale)
+    opt = instantiate(cfg.optimizer, _partial_=True)(params)  # groups of tensors, kept out of the config
     sched = instantiate(cfg.scheduler, opt=opt, epochs=epochs, steps_per_epoch=steps_per_epoch)
     scaler = torch.amp.GradScaler(parts.device.type, enabled=parts.speed.precision == "fp16")
     return Optim(opt, sched, scaler, cfg.trainer.grad_clip)

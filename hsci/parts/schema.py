@@ -46,6 +46,7 @@ class Config:
     seed: int = MISSING
     name: str = MISSING
     resume: Optional[str] = None  # a run directory to continue (set by `hsci train resume=...`)
+    init_from: Optional[str] = None  # a run directory whose best weights a new run starts from
     trainer: Trainer = MISSING
     # The groups below have one schema per option, so they are typed by their own YAML.
     data: Any = MISSING
@@ -88,6 +89,12 @@ CHECKS = [("seed", lambda v: 0 <= v < 2**32, "between 0 and 2**32 - 1 (429496729
           ("trainer.dist_timeout_s", lambda v: v > 0, "above 0"),
           ("trainer.monitor", lambda v: v == "auto" or any(v in names for names in MONITORS.values()),
            "auto or a validation value: " + ", ".join(dict.fromkeys(sum(MONITORS.values(), ())))),
+          ("model.pretrained", lambda v: isinstance(v, bool), "true or false (a weights file goes in model.weights=<file>)"),
+          ("model.weights", lambda v: v is None or isinstance(v, str), "a file, or null"),
+          ("model.freeze", lambda v: v in (None, "backbone"), "backbone (train the head only), or null"),
+          ("model.unfreeze_at_epoch", lambda v: v is None or isinstance(v, int) and v >= 2,
+           "an epoch of 2 or more (from it the whole model trains), or null"),
+          ("model.backbone_lr_scale", lambda v: v > 0, "above 0"),
           ("data.random_crop_padding", lambda v: v >= 0, "0 or more"),
           ("data.image_size", lambda v: v >= 1, "at least 1"),
           ("data.channels", lambda v: v in (1, 3), "1 (grayscale) or 3 (RGB)"),
@@ -124,6 +131,7 @@ def check_values(cfg: DictConfig, skip: tuple[str, ...] = ()) -> None:
             raise UserError(f"{key}={value} is invalid: it must be {requirement}")
     _check_monitor(cfg, skipped)
     _check_devices(cfg, skipped)
+    _check_tuning(cfg, skipped)
     data = cfg.data
     if skipped("data.mean") or skipped("data.std") or skipped("data.channels") or skipped("data.image_shape"):
         return
@@ -158,6 +166,21 @@ def _check_devices(cfg: DictConfig, skipped) -> None:
         raise UserError(SYNC_BATCHNORM_CUDA)
 
 
+def _check_tuning(cfg: DictConfig, skipped) -> None:
+    """Fine-tuning settings that cannot go together, and a weights file that is not there."""
+    model = cfg.model
+    if any(skipped(key) for key in ("model", "init_from")):
+        return
+    if model.get("unfreeze_at_epoch") is not None and model.get("freeze") != "backbone":
+        raise UserError(f"model.unfreeze_at_epoch={model.unfreeze_at_epoch} unfreezes a frozen backbone: add "
+                        "model.freeze=backbone, or remove it")
+    if model.get("weights") and cfg.get("init_from"):
+        raise UserError("model.weights and init_from both give the starting weights: keep one")
+    if model.get("weights") and not Path(model.weights).expanduser().is_file():
+        raise UserError(f"model.weights={model.weights} is not a file: give the path of a weights file (a state dict "
+                        "or an hsci checkpoint)")
+
+
 def _check_monitor(cfg: DictConfig, skipped) -> None:
     """trainer.monitor must name a value the task records (a loss hsci does not know leaves it to the run)."""
     task = LOSS_TASK.get(OmegaConf.select(cfg, "loss._target_", default=None))
@@ -177,6 +200,8 @@ def _check_monitor(cfg: DictConfig, skipped) -> None:
 PASSED = {"data": (), "model": ("input_shape", "num_outputs"), "loss": (), "optimizer": ("params",),
           "scheduler": ("opt", "epochs", "steps_per_epoch")}
 HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")  # read by instantiate itself
+# The model keys hsci reads itself for fine-tuning (conf/model/base/tuning.yaml); the builder never sees them.
+TUNING = ("weights", "freeze", "unfreeze_at_epoch", "backbone_lr_scale")
 
 
 def check_keys(cfg: DictConfig, hydra_cfg: DictConfig, skip: tuple[str, ...] = ()) -> None:
@@ -212,7 +237,7 @@ def check_keys(cfg: DictConfig, hydra_cfg: DictConfig, skip: tuple[str, ...] = (
         settings = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
                     and p.name not in passed]
         for key in cfg[group]:
-            if key in HYDRA_KEYS or key in settings or f"{group}.{key}" in skip:
+            if key in HYDRA_KEYS or key in settings or f"{group}.{key}" in skip or group == "model" and key in TUNING:
                 continue
             close = get_close_matches(key, settings, n=1)
             fix = ("hsci passes it itself: remove it" if key in passed

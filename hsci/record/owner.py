@@ -280,6 +280,10 @@ def _check(config: DictConfig, swept: tuple[str, ...] = ()) -> None:
 
             count_devices(task.trainer.devices, task.trainer.device)
         check_keys(config, config.hydra, swept)  # imports the builders, as the run does next
+        if not any(key == "model" or key.startswith("model.") for key in swept):
+            from hsci.parts.pretrained import fetch
+
+            fetch(task.model._target_, task.model)  # pretrained weights out of reach: refused before the run dir
     except UserError as e:
         raise Refused(str(e), 2) from e
 
