@@ -2,6 +2,8 @@
 and thawed, its learning rate apart; pretrained weights from the caches the libraries keep, refused before the run
 directory when they are out of reach, and never needed again to evaluate the run."""
 
+import sys
+
 import pytest
 import torch
 from conftest import hsci, run_dirs, summary_of
@@ -95,6 +97,13 @@ def test_a_timm_model_trains_on_the_datasets_channels_and_classes(tmp_path):
     assert weights["conv_stem.weight"].shape[1] == 1 and weights["classifier.weight"].shape[0] == 10
     small = hsci("train", *SMOKE, "model=timm", "model.name=test_vit", cwd=tmp_path)  # patches of 16 px: 8x8 won't do
     assert small.returncode != 0 and "model=timm model.name=test_vit cannot take 8x8 images" in small.stderr
+
+
+def test_timm_missing_is_one_line_naming_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # what an environment without timm gives: ImportError
+    result = hsci("train", *SMOKE, "model=timm", cwd=tmp_path)
+    assert result.returncode == 2 and 'pip install "hsci[timm]"' in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "outputs").exists()
 
 
 def hf_cache(folder, repo: str, weights: dict) -> None:

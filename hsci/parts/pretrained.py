@@ -106,8 +106,10 @@ def known_model(name: str) -> None:
     """Refuse a name timm does not know, with the nearest names it does."""
     from difflib import get_close_matches
 
-    import timm
-
+    try:
+        import timm
+    except ImportError as e:
+        raise UserError(f'model=timm needs timm, which is not installed ({e}): pip install "hsci[timm]"') from e
     if timm.is_model(name) or timm.is_model(name.split(".")[0]):
         return
     close = get_close_matches(name, timm.list_models(), n=3)
