@@ -13,8 +13,11 @@ from hsci import Refused, UserError, best_effort, config_dir, flat, interrupt, n
 VERBS = {
     "train": "train, validate every epoch, test the best checkpoint: hsci train [key=value ...]; "
              "sweeps: hsci train -m key=a,b; resume: hsci train resume=<run dir>|latest",
-    "eval": "evaluate a run's best checkpoint: hsci eval run=<run dir>|latest [split=val]; "
-            "or hsci eval checkpoint=<file.pt> model=... data=...",
+    "eval": "evaluate a run's best checkpoint: hsci eval run=<run dir>|latest [split=val]; on a labelled folder "
+            "(<class>/*.png): hsci eval run=<run dir> data.root=<folder>; or hsci eval checkpoint=<file.pt> "
+            "model=... data=...",
+    "predict": "a run's best checkpoint on new inputs, to predictions.csv: hsci predict run=<run dir>|latest "
+               "inputs=<image folder | files | glob | rows.csv> [top_k=3] [out=<file.csv>]",
     "bench": "how fast will this config train here: hsci bench [key=value ...] [steps=30 warmup=5]",
     "trust": "let eval and resume build what a run directory from elsewhere names: hsci trust run=<run dir>",
     "runs": "list runs, newest first: hsci runs [outputs ...] [status=completed] [name=<glob>] [last=N] [--json]",
@@ -72,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             from hsci.loop import evaluate  # imports torch
 
             return one_line_errors(evaluate.run_eval, rest)
+        if verb == "predict":
+            from hsci.loop import predict
+
+            return one_line_errors(predict.run_predict, rest)
         if verb == "bench":
             from hsci.loop import bench
 
@@ -92,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     return fail(f"unknown command '{verb}'; commands: {', '.join(VERBS)} (see hsci --help)", 2)
 
 
-OWN_KEYS = ("resume", "run", "checkpoint", "split", "steps", "warmup", "init_from")  # read by hsci itself, not by Hydra
+# Read by hsci itself, not by Hydra.
+OWN_KEYS = ("resume", "run", "checkpoint", "split", "steps", "warmup", "init_from", "inputs", "top_k", "out")
 
 
 def _home(arg: str) -> str:

@@ -1,4 +1,5 @@
-"""Metrics, the evaluation pass over a validation or test split, and `hsci eval`.
+"""Metrics, the evaluation pass over a validation or test split, and `hsci eval` (of a run's own split, or of a
+labelled folder of images).
 
 torchmetrics computes the metrics (and sums them over the ranks of a run on several processes). Importing it
 costs seconds, as it imports SciPy and torchvision, so a run imports it when it first evaluates (`Metrics`).
@@ -6,6 +7,7 @@ costs seconds, as it imports SciPy and torchvision, so a run imports it when it 
 
 from __future__ import annotations
 
+import re
 import time
 from functools import cached_property
 from pathlib import Path
@@ -13,10 +15,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from hsci import UserError, interrupt, report
+from hsci.loop.predict import as_data, recorded_inputs, restored
 from hsci.parts.build import Parts, build, compose
+from hsci.parts.datafiles import folder_classes, labelled_folder
 from hsci.parts.datasets import Data
 from hsci.record import rundir
 from hsci.record.comparable import lower_is_better
@@ -136,7 +143,8 @@ def kept(batches: list, world) -> tuple[np.ndarray, np.ndarray]:
 
 def run_eval(args: list[str]) -> int:
     """`hsci eval run=<run dir>|latest [split=test|val] [data.*=... trainer.*=...]`: a run's best checkpoint
-    with the run's own config; or `hsci eval checkpoint=<file.pt> model=... data=... [key=value ...]`."""
+    with the run's own config; `data.root=<folder>` of <class>/ images (no train/): on that folder (`on_folder`);
+    or `hsci eval checkpoint=<file.pt> model=... data=... [key=value ...]`."""
     opts = dict(a.split("=", 1) for a in args if a.split("=", 1)[0] in ("run", "checkpoint", "split"))
     changes = [a for a in args if a.split("=", 1)[0] not in opts]
     split = opts.get("split", "test")
@@ -145,11 +153,18 @@ def run_eval(args: list[str]) -> int:
                         "model=... data=... (see hsci --help)")
     if "run" in opts:
         run = find_run(opts["run"], "run", needs="checkpoints/best.pt")
-        cfg = rundir.load_config(run, changes, ("data.", "trainer."), "eval")
+        folder = labelled(changes)
+        if folder and "split" in opts:
+            raise UserError(f"split={split}: a labelled folder is evaluated whole; leave split out")
+        # A labelled folder's images are prepared as the run prepared its own: only how they are fed may change.
+        allowed = ("data.batch_size", "data.num_workers", "trainer.") if folder else ("data.", "trainer.")
+        cfg = rundir.load_config(run, [c for c in changes if c != folder], allowed, "eval")
         checkpoint, out = run / "checkpoints" / "best.pt", run / f"eval_{split}.json"
         if not checkpoint.exists():
             raise UserError(f"run={opts['run']}: {run} has no checkpoints/best.pt yet (no epoch finished): "
                             f"resume it with hsci train resume={run}")
+        if folder:
+            return on_folder(run, cfg, Path(_value(folder)).expanduser().resolve(), changes)
     else:
         cfg, checkpoint, out = compose(changes), Path(opts["checkpoint"]).expanduser().resolve(), None
     state = rundir.load_checkpoint(checkpoint)
@@ -164,3 +179,46 @@ def run_eval(args: list[str]) -> int:
                                 "versions": rundir.versions()})
         report.say(f"written: {out}")
     return 0
+
+
+def on_folder(run: Path, cfg: DictConfig, folder: Path, changes: list[str]) -> int:
+    """`hsci eval run=<run dir> data.root=<folder>`: the run's best checkpoint on every image of a labelled folder,
+    <folder>/<class>/, its classes matched to the run's by name, prepared as the run's test images; the result in
+    <run>/eval_on_<folder name>.json, beside the run's own."""
+    checkpoint = run / "checkpoints" / "best.pt"
+    state = rundir.load_checkpoint(checkpoint)
+    seen = recorded_inputs(state, cfg, run)
+    shape = seen["input_shape"]
+    if seen["task"] != "multiclass" or len(shape) != 3:
+        raise UserError(f"data.root={folder}: a folder of <class>/ images evaluates a model that classifies images; "
+                        f"this run's is a {seen['task']} model of inputs {tuple(shape)}")
+    images = labelled_folder(str(folder), seen["classes"], (shape[0], shape[1]))
+    p = restored(cfg, as_data(seen, images, cfg), state, checkpoint)
+    results = evaluate(p, p.loaders.test, Metrics(p.data.task, p.data.num_outputs, p.device))
+    limit, batch = cfg.trainer.limit_batches, p.data.loading.batch_size
+    n = min(len(images), limit * batch) if limit else len(images)
+    classes = sorted({images.classes[label] for _, label in images.samples})
+    report.metrics_table(f"{folder}: {n} images of {len(classes)} classes (matched by name), {checkpoint}", results)
+    out = run / f"eval_on_{re.sub(r'[^A-Za-z0-9_.-]+', '_', folder.name)}.json"
+    rundir.write_json(out, {"data": str(folder), "images": n, "classes": classes, "checkpoint": str(checkpoint),
+                            "metrics": results, "device": str(p.device), "changes": changes,
+                            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": rundir.versions()})
+    report.say(f"written: {out}")
+    return 0
+
+
+def labelled(changes: list[str]) -> str | None:
+    """The `data.root=` change, if it names a labelled folder (<class>/ folders of images, no train/)."""
+    for change in changes:
+        if change.startswith("data.root="):
+            try:
+                folder = Path(_value(change)).expanduser()
+            except (OverrideParseException, ValueError, TypeError):
+                return None  # load_config says what is wrong with it
+            return change if folder_classes(folder) is not None else None
+    return None
+
+
+def _value(change: str) -> str:
+    """The value of a key=value change, as Hydra's grammar reads it (quotes removed)."""
+    return str(OverridesParser.create().parse_overrides([change])[0].value())

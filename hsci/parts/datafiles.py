@@ -163,15 +163,47 @@ class ImageFiles(Dataset):
         return augmented(x, self.augment, seed), label
 
 
-def image_folders(root: Path, classes: list[str]) -> dict[str, list[tuple[str, int]]]:
-    """(path, label) of every image under <root>/<split>/<class>/ for the splits present (train, val, test).
+def labelled_folder(root: str, classes: list[str], look: tuple[int, int]) -> ImageFiles:
+    """The images of a labelled folder, <root>/<class>/ without splits, as one `ImageFiles` of `look` (channels,
+    size), labelled by their class's place in `classes` (a run's, matched by name): a class folder that `classes`
+    lacks is an error, a class without a folder is not."""
+    root_dir = Path(root).expanduser().resolve()
+    found = folder_classes(root_dir) or []
+    unknown = [c for c in found if c not in classes]
+    if unknown:
+        raise UserError(f"data.root={root}: the model does not know the classes {', '.join(unknown)} (it knows "
+                        f"{', '.join(classes)}): remove those folders, or evaluate on a folder of its classes")
+    if not found:
+        raise UserError(f"data.root={root}: no <class>/ folders of images (.png, .jpg ...) there: give a folder that "
+                        "holds one folder of images per class")
+    samples = image_folders(root_dir, classes, splits=("",))[""]  # the folder itself is the one split
+    channels, size = look
+    return ImageFiles(samples, size, channels, None, classes)
+
+
+def folder_classes(root: Path) -> list[str] | None:
+    """The class folders of a labelled folder, <root>/<class>/*.png|jpg without a train/ folder, sorted; None
+    for any other folder (an image folder's train/ and its splits, MNIST's raw files)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    if not root.is_dir() or (root / "train").is_dir():
+        return None
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    holding = [c for c in classes if any(f.name.lower().endswith(IMG_EXTENSIONS) for f in (root / c).iterdir())]
+    return classes if holding else None
+
+
+def image_folders(root: Path, classes: list[str],
+                  splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, list[tuple[str, int]]]:
+    """(path, label) of every image under <root>/<split>/<class>/ for the `splits` present (train, val, test;
+    "" for a labelled folder, <root>/<class>/, whose classes `classes` names).
 
     Links are followed, but no folder is entered twice, so a link back up (a loop) or into another class
     or split adds nothing; one file (however reached: links, hard links) may sit in one split and one class
     only. A class folder without images is an error, not a class that can never be predicted."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    splits = [split for split in ("train", "val", "test") if (root / split).is_dir()]
+    splits = [split for split in splits if (root / split).is_dir()]
     class_dirs = {(split, c): root / split / c for split in splits for c in classes if (root / split / c).is_dir()}
     reals = sorted((os.path.realpath(d) + os.sep, d) for d in class_dirs.values())  # a folder inside another: next
     for (outer, a), (inner, b) in zip(reals, reals[1:]):
@@ -195,7 +227,7 @@ def image_folders(root: Path, classes: list[str]) -> dict[str, list[tuple[str, i
         for label, c in enumerate(classes):
             if (split, c) not in class_dirs:
                 continue
-            where = f"{split}/{c}"
+            where = os.path.join(split, c)  # split/class; the class alone in a labelled folder
             found = _images_under(class_dirs[split, c], entered, os.path.realpath(root), class_reals,
                                    IMG_EXTENSIONS)
             if not found:

@@ -33,13 +33,16 @@ class Loading:
 @dataclass(frozen=True)
 class Scaling:
     """How values are scaled for the model: image pixels, scaled to [0, 1], are normalised per channel with
-    `mean` and `std` on the device (None for tables, which come standardised); regression targets are
+    `mean` and `std` on the device (None for tables, which come standardised: each feature with the training
+    split's `feature_mean` and `feature_std`, which `hsci predict` applies to new rows); regression targets are
     standardised for training with `target_mean` and `target_std`, which the metrics undo."""
 
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     target_mean: float = 0.0
     target_std: float = 1.0
+    feature_mean: tuple[float, ...] | None = None
+    feature_std: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -196,10 +199,13 @@ def table(x: np.ndarray, y: np.ndarray, task: str, loading: Loading, carving: Ca
     rest, test = carve(y, carving.test_fraction, carving.seed, stratify)
     keep, held = carving.val(y[rest], stratify)
     train, val = rest[keep], rest[held]
-    x = (x - x[train].mean(0)) / x[train].std(0)
+    feature_mean, feature_std = x[train].mean(0), x[train].std(0)
+    x = (x - feature_mean) / feature_std
     y = y.astype(np.float32)
     target_mean, target_std = (float(y[train].mean()), float(y[train].std())) if task == "regression" else (0.0, 1.0)
     y = (y - target_mean) / target_std
     xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y).float().unsqueeze(1)  # (N, F), (N, 1)
     splits = [Tensors(xt[i], yt[i], classes=classes) for i in (train, val, test)]
-    return Data(*splits, task, (x.shape[1],), 1, loading, Scaling(target_mean=target_mean, target_std=target_std))
+    scaling = Scaling(target_mean=target_mean, target_std=target_std, feature_mean=tuple(map(float, feature_mean)),
+                      feature_std=tuple(map(float, feature_std)))
+    return Data(*splits, task, (x.shape[1],), 1, loading, scaling)

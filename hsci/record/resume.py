@@ -1,5 +1,6 @@
 """Where a run stands and how it is put back there: what `last.pt` records (`Position` and the state of everything
-that changes), `checkpoint` and `restore`, and `reopen`, which takes a run directory up again for `resume=`."""
+that changes, and the run's `inputs`), `checkpoint` and `restore`, and `reopen`, which takes a run directory up
+again for `resume=`."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from torch import nn
 
 from hsci import UserError
 from hsci.parts.build import Optim, Parts, pick_device
+from hsci.parts.datasets import Data
 from hsci.parts.schema import check_values
 from hsci.parts.world import World
 from hsci.record import rundir
+from hsci.record.comparable import class_names
 
 # What a resumed run may change: where the data lives and how the loop runs, never the experiment.
 RESUMABLE = ("trainer.", "data.root", "data.download", "data.num_workers")
@@ -90,7 +93,22 @@ def restore(state: dict, model: nn.Module, optim: Optim, source: Path) -> Positi
 
 def checkpoint(parts: Parts, optim: Optim, position: Position, config: dict, world: World) -> dict:
     """Everything to carry on exactly from `position` (the model's own weights, as one process has them: every
-    rank holds the same), the number of processes that trained it, and the run's config."""
+    rank holds the same), the number of processes that trained it, the run's config, and its `inputs`."""
     return {"model": parts.model.state_dict(), "optimizer": optim.opt.state_dict(),
             "scheduler": optim.sched.state_dict(), "scaler": optim.scaler.state_dict(), "rng": rundir.rng_state(),
-            **asdict(position), "world_size": world.size, "config": config}
+            **asdict(position), "world_size": world.size, "config": config, "inputs": inputs(parts.data)}
+
+
+def inputs(data: Data) -> dict:
+    """What the model was trained on, as plain values, so that `hsci predict` and `hsci eval` on a folder prepare
+    new inputs as the run prepared its own without its dataset at hand: the task, the input shape (C, H, W) or
+    (features,), the outputs, the class names, and the `Scaling` (pixel mean/std, feature and target statistics)."""
+    def floats(values):
+        return None if values is None else [float(v) for v in values]
+
+    s = data.scaling
+    return {"task": data.task, "input_shape": [int(n) for n in data.input_shape], "num_outputs": int(data.num_outputs),
+            "classes": class_names(data),
+            "scaling": {"mean": floats(s.mean), "std": floats(s.std), "target_mean": float(s.target_mean),
+                        "target_std": float(s.target_std), "feature_mean": floats(s.feature_mean),
+                        "feature_std": floats(s.feature_std)}}
