@@ -187,3 +187,25 @@ def test_a_run_saved_before_checkpoints_recorded_its_inputs_predicts_as_it_teste
     rows = predictions(tmp_path / "digits.csv")
     right = [row["class_1"] == Path(row["file"]).parent.name for row in rows]
     assert len(rows) == len(test) and np.mean(right) == pytest.approx(summary_of(SAVED / "whole")["test"]["acc"])
+
+
+@pytest.mark.slow
+def test_a_regression_run_predicts_values_in_the_targets_units(tmp_path):
+    from sklearn.datasets import load_diabetes
+
+    from hsci.parts.splits import carve
+
+    assert hsci("train", "experiment=smoke", "data=diabetes", "model=mlp", cwd=tmp_path).returncode == 0
+    [run] = run_dirs(tmp_path)
+    bunch = load_diabetes()
+    _, test = carve(bunch.target, 0.2, 0, stratify=False)  # data=diabetes's test split
+    (tmp_path / "rows.csv").write_text("".join(",".join(repr(float(v)) for v in bunch.data[i]) + "\n" for i in test))
+    assert "top_k=2: this run predicts values" in hsci("predict", f"run={run}", "inputs=rows.csv", "top_k=2",
+                                                       cwd=tmp_path).stderr
+    result = hsci("predict", f"run={run}", "inputs=rows.csv", "out=out.csv", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = predictions(tmp_path / "out.csv")
+    assert list(rows[0]) == ["row", "value"] and rows[0]["row"] == "rows.csv:1"  # no header here
+    values = np.array([float(row["value"]) for row in rows], np.float32)
+    test_run = recorded(run)
+    assert np.array_equal(values[:len(test_run["predicted"])], test_run["predicted"])  # in the target's units

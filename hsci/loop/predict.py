@@ -58,6 +58,8 @@ def run_predict(args: list[str]) -> int:
     files = find_inputs(opts["inputs"], ".csv" if tabular else None)
     if tabular:
         x, names, left_out = read_rows(files, seen)
+        if not names:
+            raise UserError(f"inputs={opts['inputs']}: nothing to predict on: " + _nothing(seen, len(files), left_out))
         dataset = Tensors(torch.from_numpy(x).float(), torch.zeros(len(x)))  # (N, F), as the run's table holds them
     else:
         names, dataset = files, Readable(files, seen["input_shape"])
@@ -111,7 +113,7 @@ def as_data(seen: dict, dataset, cfg: DictConfig) -> Data:
 def restored(cfg: DictConfig, data: Data, state: dict, checkpoint: Path) -> Parts:
     """The run's parts around `data` (in place of its own dataset), holding the checkpoint's weights: the model and
     the input step (normalisation, a pretrained model's resize) as the run built them."""
-    p = build(cfg, data, restoring=True)
+    p = build(cfg, data=data, restoring=True)
     rundir.load_weights(p.model, state.get("model"), checkpoint)
     return p
 
@@ -161,7 +163,7 @@ def predict(p: Parts) -> tuple[np.ndarray, list[str]]:
                 out = out.squeeze(1) * data.scaling.target_std + data.scaling.target_mean
             scores.append(out.cpu())
             why += [""] * len(x) if isinstance(reasons, torch.Tensor) else list(reasons)  # a table's rows all read
-    return torch.cat(scores).numpy(), why
+    return torch.cat(scores).numpy() if scores else np.zeros(0), why
 
 
 def table_rows(names: list[str], scores: np.ndarray, seen: dict, top_k: int, first: str) -> list[dict]:
