@@ -209,3 +209,31 @@ def test_a_regression_run_predicts_values_in_the_targets_units(tmp_path):
     values = np.array([float(row["value"]) for row in rows], np.float32)
     test_run = recorded(run)
     assert np.array_equal(values[:len(test_run["predicted"])], test_run["predicted"])  # in the target's units
+
+
+@pytest.mark.slow
+def test_a_pretrained_model_predicts_with_its_weights_resize_and_normalisation(tmp_path, monkeypatch):
+    import timm
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    commit, repo = "0" * 40, "models--timm--test_efficientnet.r160_in1k"  # timm's weights in a Hugging Face cache
+    (tmp_path / "hub" / repo / "snapshots" / commit).mkdir(parents=True)
+    (tmp_path / "hub" / repo / "refs").mkdir()
+    (tmp_path / "hub" / repo / "refs" / "main").write_text(commit)
+    save_file(timm.create_model("test_efficientnet").state_dict(),
+              tmp_path / "hub" / repo / "snapshots" / commit / "model.safetensors")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    write_imagefolder(tmp_path / "pets", per_class=8)
+    result = hsci("train", "experiment=smoke", "trainer.epochs=1", "data=imagefolder", f"data.root={tmp_path / 'pets'}",
+                  "data.image_size=16", "data.num_workers=0", "data.batch_size=8", "model=timm",
+                  "model.name=test_efficientnet", "model.pretrained=true", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    [run] = run_dirs(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))  # the checkpoint holds the weights
+    test = recorded(run)
+    result = hsci("predict", f"run={run}", "inputs=" + ",".join(test["path"]), "top_k=1", "out=p.csv", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "inputs resized to 160 px" in result.stdout  # 16 px images, resized as the weights expect
+    top = np.array([float(row["prob_1"]) for row in predictions(tmp_path / "p.csv")], np.float32)
+    assert np.array_equal(top.astype(np.float16), test["prob"].max(1))
