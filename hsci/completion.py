@@ -35,9 +35,9 @@ def run(args: list[str], verbs) -> int:
     """`hsci completion bash|zsh`: the script; `--bash WORDBREAKS LINE` and `--zsh -- WORDS...`: the candidates,
     one a line (the shell's script asks)."""
     if args[:1] == ["--bash"] and len(args) == 3:
-        print("\n".join(for_bash(args[2], args[1], verbs)))
+        print(*for_bash(args[2], args[1], verbs), sep="\n")
     elif args[:2] == ["--zsh", "--"] and len(args) > 2:
-        print("\n".join(candidates(args[2:], verbs)))
+        print(*candidates(args[2:], verbs), sep="\n")
     elif len(args) == 1 and args[0] in SHELLS:
         print(SCRIPTS[args[0]], end="")
     else:
@@ -296,8 +296,11 @@ def split(line: str) -> tuple[list[str], str, bool]:
 
 BASH = r"""# hsci's completion for bash: eval "$(hsci completion bash)" in ~/.bashrc
 _hsci_complete() {
-    local IFS=$'\n'
-    COMPREPLY=($("${COMP_WORDS[0]}" completion --bash "$COMP_WORDBREAKS" "${COMP_LINE:0:COMP_POINT}" 2>/dev/null))
+    local line
+    COMPREPLY=()
+    while IFS= read -r line; do
+        [[ -n $line ]] && COMPREPLY+=("$line")
+    done < <("${COMP_WORDS[0]}" completion --bash "$COMP_WORDBREAKS" "${COMP_LINE:0:COMP_POINT}" 2>/dev/null)
     if [[ ${#COMPREPLY[@]} -eq 1 && ${COMPREPLY[0]} == *[=./] ]]; then
         compopt -o nospace 2>/dev/null  # key=, optimizer., a folder/: the word goes on
     fi

@@ -162,6 +162,7 @@ BASH_CASES = {  # a line up to the cursor: the COMPREPLY that bash's completion 
     "hsci train 'optimizer.l": ["optimizer.lr="],  # inside quotes: from the quote on
     "hsci train --config-dir=conf/da": ["conf/data/"],
     "hsci train model=vit model.num_l": ["model.num_layers="],
+    "hsci train data=ba": [],  # nothing: the word stays as it is
 }
 
 
@@ -172,7 +173,7 @@ def test_bash_completes_from_the_script_it_sources(tmp_path, shell_env):
         words = [w for w in re.split(r"([=:'\"])|\s+", line) if w]
         calls.append(f"COMP_LINE={shlex_quote(line)}; COMP_POINT=${{#COMP_LINE}}; "
                      f"COMP_WORDS=({' '.join(shlex_quote(w) for w in words)}); COMP_CWORD={len(words) - 1}; "
-                     "_hsci_complete; printf '%s|' \"${COMPREPLY[@]}\"; echo")
+                     "_hsci_complete; (( ${#COMPREPLY[@]} )) && printf '%s|' \"${COMPREPLY[@]}\"; echo")
     script = 'eval "$(hsci completion bash)"\n' + "\n".join(calls)
     out = subprocess.run(["bash", "--norc", "--noprofile", "-c", script], cwd=tmp_path, env=shell_env,
                          capture_output=True, text=True, timeout=60)
