@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]
@@ -52,11 +53,11 @@ def cases(cwd: Path) -> dict[str, list[str]]:
 def whole(command: list[str], cwd: Path) -> tuple[float, float]:
     """(wall s, CPU s) of a whole process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = os.times().elapsed
+    start = time.perf_counter()
     subprocess.run(command, cwd=cwd, capture_output=True, check=True,
                    env={**os.environ, "PYTHONPATH": str(HERE)})
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return os.times().elapsed - start, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return time.perf_counter() - start, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
 def main() -> None:
