@@ -2,6 +2,9 @@
 # Both set up a local virtual environment (.venv) first when it is missing or out of date.
 PYTHON ?= python3
 TORCH ?= torch==2.14.1 torchvision==0.29.1
+# CPU=1 (or TORCH_INDEX=<url>): PyTorch from its own index of CPU-only wheels, for a machine without an NVIDIA GPU
+# (Linux, Windows; PyPI's macOS wheels are CPU builds already): ~0.2 GB to download instead of ~3 GB of CUDA wheels.
+TORCH_INDEX ?= $(if $(filter 1 yes true,$(CPU)),https://download.pytorch.org/whl/cpu)
 VENV := .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.ready
@@ -12,7 +15,7 @@ setup: $(READY)
 
 $(READY): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(READY)
 

@@ -26,12 +26,14 @@ VERBS = {
     "plot": "draw a run's plots again from its records: hsci plot run=<run dir>|latest",
     "compare": "compare runs grouped by config, seeds as replicates: hsci compare <runs, sweeps or globs ...> "
                "[metric=test.acc] [baseline=N] [out=<dir>]",
+    "completion": 'shell completion of verbs, groups and keys: eval "$(hsci completion bash)" in ~/.bashrc (zsh: '
+                  'eval "$(hsci completion zsh)" in ~/.zshrc)',
 }
 
 
 def usage() -> str:
     lines = ["usage: hsci <command> [key=value ...]", "", "commands:"]
-    lines += [f"  {verb:<9}{text}" for verb, text in VERBS.items()]
+    lines += [f"  {verb:<11}{text}" for verb, text in VERBS.items()]
     lines += ["", "config groups (choose one option each: hsci train data=cifar10 model=resnet18):"]
     for group in sorted(d for d in config_dir().iterdir() if d.is_dir()):
         options = sorted(f.stem for f in group.glob("*.yaml"))
@@ -52,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         verb = args[0]
+        if verb == "completion":  # reads conf/ only, at each Tab: no torch, no Hydra
+            from hsci import completion
+
+            return one_line_errors(lambda args: completion.run(args, VERBS), args[1:])
         if verb == "runs":  # reads records only: no torch, no Hydra
             from hsci.analysis import runs
 

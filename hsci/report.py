@@ -94,22 +94,56 @@ class EpochProgress:
 
 
 def epoch_row(record: dict, first: bool) -> None:
-    """One row per epoch: aligned columns under a header on a terminal, a plain line otherwise."""
-    cells = {k: _fmt(k, v) for k, v in record.items()}
-    line = "  ".join(f"{k} {v}" for k, v in cells.items())
+    """One row per epoch: a plain line of every value (and in train.log); on a terminal, aligned columns under a
+    header, short enough for 80 columns (`columns`)."""
+    line = "  ".join(f"{k} {_fmt(k, v)}" for k, v in record.items())
     log.info(line)
     if not console.is_terminal:
         console.print(line, markup=False, soft_wrap=True)
         return
-    labels = [SHORT.get(k, k) for k in cells]
-    widths = [max(len(label), 5 if label == "epoch" else 7) for label in labels]  # fixed, so rows align
+    shown = columns(list(record), min(console.width, 80))
     if first:
-        console.print(" ".join(label.rjust(w) for label, w in zip(labels, widths)), style="bold", markup=False, soft_wrap=True)
-    console.print(" ".join(v.rjust(w) for v, w in zip(cells.values(), widths)), markup=False, soft_wrap=True)
+        console.print(" ".join(label.rjust(w) for label, w in shown.values()), style="bold", markup=False,
+                      soft_wrap=True)
+    console.print(" ".join(_cell(k, record[k]).rjust(w) for k, (_, w) in shown.items()), markup=False, soft_wrap=True)
 
 
-SHORT = {"train_loss": "train", "val_loss": "val_loss", "val_precision": "val_prec", "val_recall": "val_rec",
-         "epoch_s": "secs", "train_img_per_s": "img/s", "data_wait_s": "wait_s", "max_mem_gb": "mem_gb"}
+# The epoch table on a terminal: each value's label and width (rows align unless a value outgrows it), and what goes
+# first when the columns would not fit: precision and recall (f1 sums them up), then memory and data wait.
+COLUMNS = {"epoch": ("epoch", 5), "train_loss": ("train", 6), "val_loss": ("val", 6), "val_acc": ("acc", 5),
+           "val_precision": ("prec", 5), "val_recall": ("rec", 5), "val_f1": ("f1", 5), "val_top5": ("top5", 5),
+           "val_mse": ("mse", 6), "val_mae": ("mae", 6), "val_r2": ("r2", 6), "lr": ("lr", 7),
+           "epoch_s": ("secs", 4), "train_img_per_s": ("img/s", 7), "data_wait_s": ("wait", 4),
+           "max_mem_gb": ("mem", 4)}
+DROPPED_FIRST = (("val_precision", "val_recall"), ("max_mem_gb",), ("data_wait_s",))
+
+
+def columns(keys: list[str], width: int) -> dict[str, tuple[str, int]]:
+    """The columns of the epoch table for a record's `keys`, within `width` characters where dropping the columns
+    that matter least on a terminal can make them fit; train.log and metrics.jsonl keep every value."""
+    shown = {k: COLUMNS.get(k, (k, max(len(k), 6))) for k in keys}
+    for dropped in DROPPED_FIRST:
+        if sum(w + 1 for _, w in shown.values()) - 1 <= width:
+            break
+        shown = {k: column for k, column in shown.items() if k not in dropped}
+    return shown
+
+
+def _cell(key: str, value) -> str:
+    """A value in the epoch table: fewer digits than the log's, so that it fits its column."""
+    if not isinstance(value, float):
+        return str(value)
+    if key == "lr":
+        return f"{value:.1e}"
+    if key.endswith("per_s"):
+        return f"{value:,.0f}"
+    if key.endswith("_s"):
+        return f"{value:.1f}" if value < 100 else f"{value:.0f}"
+    if key.endswith("_gb"):
+        return f"{value:.2f}" if value < 10 else f"{value:.1f}"
+    if value == 0 or 0.001 <= abs(value) < 100:
+        return f"{value:.3f}"
+    return f"{value:.0e}" if abs(value) < 0.001 else f"{value:.4g}"
 
 
 def final(summary: dict) -> None:

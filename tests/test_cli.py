@@ -286,7 +286,9 @@ def test_a_terminal_gets_the_config_tree_progress_bars_and_tables(tmp_path):
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", styled)
     assert "├── trainer" in text and "epochs: 2" in text  # the config tree
     assert "━" in text and "3/3" in text  # a progress bar per epoch
-    assert "epoch   train val_loss" in text  # the epoch table's header row
+    rows = [line for line in re.split(r"[\r\n]+", text) if re.match(r"epoch +train +val|\s+[12]  \d\.\d{3} ", line)]
+    assert rows[0].split()[:5] == ["epoch", "train", "val", "acc", "f1"] and len(rows) == 3  # a header, 2 epochs
+    assert max(len(row) for row in rows) <= 80  # the epoch table fits 80 columns
     assert "┏" in text and "test split, best checkpoint" in text  # the final table
     [run] = run_dirs(tmp_path)
     assert "epoch 2/2 step 3/3  loss " in (run / "train.log").read_text()  # readings are logged on a terminal too

@@ -15,7 +15,7 @@ LAYERS = [("base", ("hsci", "hsci.interrupt", "hsci.report")),
           ("analysis", ("hsci.analysis",)),
           ("loop", ("hsci.loop",)),
           ("jobs", ("hsci.jobs",)),
-          ("door", ("hsci.cli", "hsci.__main__"))]
+          ("door", ("hsci.cli", "hsci.completion", "hsci.__main__"))]
 BUILDERS = ("hsci.data", "hsci.models", "hsci.schedulers")  # public functions whose parameters are their YAML keys
 SCHEMA = "hsci.parts.schema"  # dataclasses whose fields are YAML keys (trainer.*, the top level)
 

@@ -79,8 +79,11 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
                    + (f" until epoch {cfg.model.unfreeze_at_epoch}" if cfg.model.unfreeze_at_epoch else ""))
     stepping = replace(parts, model=world.wrap(parts.model, parts.device))  # the step runs DDP's model
     size = sum(weights.numel() for weights in parts.model.parameters())
-    report.say("  ".join(f"{k} {v}" for k, v in setup.items()) + f"  {size:,} parameters  train/val/test "
-               f"{len(data.train)}/{len(data.val)}/{len(data.test)}  run dir {run_dir}")
+    how = ("device", "precision", "channels_last", "loader", "compile_s")  # then the processes, and anything else
+    for line in (f"{size:,} parameters  train/val/test {len(data.train)}/{len(data.val)}/{len(data.test)}  "
+                 f"startup_s {setup['startup_s']}", "  ".join(f"{k} {setup[k]}" for k in how),
+                 "  ".join(f"{k} {v}" for k, v in setup.items() if k not in (*how, "startup_s")), f"run dir {run_dir}"):
+        report.say(line)  # short lines, each `key value` as summary.json has it
     setup |= {"weights_from": started_from} if started_from else {}
     setup |= {"classes": class_names(data), "comparable": comparable(config, data) if world.main else None}
     if data.task != "regression" and 0 < len(data.test) <= 100:
