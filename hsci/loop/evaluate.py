@@ -22,9 +22,10 @@ from torch.utils.data import DataLoader
 
 from hsci import UserError, interrupt, report
 from hsci.loop.predict import as_data, recorded_inputs, restored
-from hsci.parts.build import Parts, build, compose
+from hsci.parts.build import Parts, build, compose, stage_limit
 from hsci.parts.datafiles import folder_classes, labelled_folder
 from hsci.parts.datasets import Data
+from hsci.parts.loaders import limited_samples
 from hsci.record import rundir
 from hsci.record.comparable import lower_is_better
 from hsci.record.owner import find_run
@@ -195,8 +196,7 @@ def on_folder(run: Path, cfg: DictConfig, folder: Path, changes: list[str]) -> i
     images = labelled_folder(str(folder), seen["classes"], (shape[0], shape[1]))
     p = restored(cfg, as_data(seen, images, cfg), state, checkpoint)
     results = evaluate(p, p.loaders.test, Metrics(p.data.task, p.data.num_outputs, p.device))
-    limit, batch = cfg.trainer.limit_batches, p.data.loading.batch_size
-    n = min(len(images), limit * batch) if limit else len(images)
+    n = limited_samples(stage_limit(cfg.trainer, "test"), len(images), p.data.loading.batch_size)
     classes = sorted({images.classes[label] for _, label in images.samples})
     report.metrics_table(f"{folder}: {n} images of {len(classes)} classes (matched by name), {checkpoint}", results)
     out = run / f"eval_on_{re.sub(r'[^A-Za-z0-9_.-]+', '_', folder.name)}.json"

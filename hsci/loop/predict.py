@@ -47,7 +47,8 @@ def run_predict(args: list[str]) -> int:
         raise UserError(USAGE)
     run = find_run(opts["run"], "run", needs="checkpoints/best.pt")
     cfg = rundir.load_config(run, changes, CHANGES, "predict")
-    OmegaConf.update(cfg, "trainer.limit_batches", None)  # a smoke run's limit is for its epochs: every input counts
+    for limit in ("limit_batches", "limit_test_batches"):  # a smoke run's limit is for its epochs: every input counts
+        OmegaConf.update(cfg, f"trainer.{limit}", None)
     checkpoint = run / "checkpoints" / "best.pt"
     if not checkpoint.exists():
         raise UserError(f"run={opts['run']}: {run} has no checkpoints/best.pt yet (no epoch finished)")

@@ -3,10 +3,11 @@ the speed settings (precision, channels_last, compile, loader) resolved for the 
 what a training step changes besides the weights: optimizer, schedule, grad scaler (`optimizing`). `hsci train`,
 `hsci eval` and `hsci bench` all build through here."""
 
+import copy
 import os
 import random
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable
 
@@ -18,10 +19,11 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import Subset
 
 from hsci import UserError, config_dir, models, one_line, report
 from hsci.parts import finetune, schema
-from hsci.parts.datasets import Data
+from hsci.parts.datasets import Data, Tensors
 from hsci.parts.loaders import eval_loader, input_fn, pick_loader, train_loader
 from hsci.parts.schema import check_values
 from hsci.parts.world import SINGLE, World, on_cuda
@@ -96,6 +98,10 @@ def build(cfg: DictConfig, data: Data | None = None, world: World = SINGLE, rest
                         f"{data.loading.batch_size}: {world.size} processes need full batches to take equal shares of; "
                         "use a smaller data.batch_size, or trainer.devices=1")
     check_loss(loss_fn, data.task)
+    if t.overfit_batches:
+        data = overfitting(data, t.overfit_batches)
+        report.say(f"overfit_batches={t.overfit_batches}: training on the same {len(data.train)} training samples every "
+                   "epoch, unshuffled and unaugmented, and validating on them")
     model = make_model(cfg, data.input_shape, data.num_outputs, restoring).to(device)
     if t.sync_batchnorm and world.size > 1:  # batch statistics over the global batch, not each rank's share
         if device.type != "cuda":
@@ -119,11 +125,35 @@ def build(cfg: DictConfig, data: Data | None = None, world: World = SINGLE, rest
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     kind = pick_loader(data.loading.loader, data, device)
-    evaluated = partial(eval_loader, loading=data.loading, device=device, seed=cfg.seed, kind=kind,
-                        limit=t.limit_batches, world=world)
-    loaders = Loaders(train_loader(data.train, data.loading, device, cfg.seed, kind, world), evaluated(data.val),
-                      evaluated(data.test))
+    evaluated = partial(eval_loader, loading=data.loading, device=device, seed=cfg.seed, kind=kind, world=world)
+    loaders = Loaders(train_loader(data.train, data.loading, device, cfg.seed, kind, world,
+                                   shuffle=not t.overfit_batches),
+                      evaluated(data.val, limit=stage_limit(t, "val")),
+                      evaluated(data.test, limit=stage_limit(t, "test")))
     return Parts(device, data, loss_fn, model, to_input, Speed(precision, channels_last, kind), loaders, world)
+
+
+def stage_limit(trainer: DictConfig, stage: str) -> int | float | None:
+    """trainer.limit_<stage>_batches, or trainer.limit_batches where that is null (see loaders.limited)."""
+    own = trainer.get(f"limit_{stage}_batches")
+    return trainer.limit_batches if own is None else own
+
+
+def overfitting(data: Data, batches: int) -> Data:
+    """trainer.overfit_batches: the first `batches` training batches as they are, without augmentation, for
+    training and for validation alike (the training loader does not shuffle them). A dataset of a user's own keeps
+    its own augmentation, if it has one that hsci does not know."""
+    n = min(len(data.train), batches * data.loading.batch_size)
+    train = copy.copy(data.train)
+    if isinstance(train, Tensors):
+        train.x, train.y = train.x[:n], train.y[:n]
+    elif isinstance(getattr(train, "samples", None), list):  # image files
+        train.samples = train.samples[:n]
+    else:
+        train = Subset(data.train, range(n))
+    if hasattr(train, "augment"):
+        train.augment = None
+    return replace(data, train=train, val=train)
 
 
 def make_model(cfg: DictConfig, input_shape: tuple[int, ...], num_outputs: int, restoring: bool = False) -> nn.Module:

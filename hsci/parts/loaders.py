@@ -31,13 +31,13 @@ class EpochSampler(Sampler):
 
     So a run restarted at any epoch and batch sees exactly the data it would have seen, with any number
     of worker processes or of ranks (each takes its `share` of every batch). Yields lists of keys: indices,
-    or (index, seed) pairs for datasets that augment.
+    or (index, seed) pairs for datasets that augment. Without `shuffle`, the same batches in order every epoch.
     """
 
     def __init__(self, n: int, batch_size: int, drop_last: bool, seed: int, with_seeds: bool, rank: int = 0,
-                 ranks: int = 1):
+                 ranks: int = 1, shuffle: bool = True):
         self.n, self.batch_size, self.drop_last, self.seed, self.with_seeds = n, batch_size, drop_last, seed, with_seeds
-        self.rank, self.ranks = rank, ranks
+        self.rank, self.ranks, self.shuffle = rank, ranks, shuffle
         self.epoch, self.first = 1, 0
 
     def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
@@ -49,7 +49,7 @@ class EpochSampler(Sampler):
 
     def __iter__(self) -> Iterator[list]:
         g = epoch_generator(self.seed, self.epoch, torch.device("cpu"))
-        keys = torch.randperm(self.n, generator=g).tolist()
+        keys = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
         if self.with_seeds:
             keys = list(zip(keys, torch.randint(2**62, (self.n,), generator=g).tolist()))
         for b in range(self.first, self.first + len(self)):
@@ -73,10 +73,10 @@ class DeviceLoader:
     split is given already cut to the rank's part."""
 
     def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, *, train: bool, seed: int,
-                 rank: int = 0, ranks: int = 1):
+                 rank: int = 0, ranks: int = 1, shuffle: bool = True):
         self.x, self.y = dataset.x.to(device), dataset.y.to(device)
         self.augment = dataset.augment if train else None
-        self.batch_size, self.train, self.seed, self.device = batch_size, train, seed, device
+        self.batch_size, self.train, self.seed, self.device, self.shuffle = batch_size, train, seed, device, shuffle
         self.rank, self.ranks = rank, ranks
         self.drop_last = train and len(self.x) > batch_size
         self.epoch, self.start = 1, 0
@@ -91,7 +91,7 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.x)
         order, offsets, flips = torch.arange(n, device=self.device), None, None
-        if self.train:  # drawn on the CPU (a millisecond for 50,000 images): CUDA's generator draws other numbers
+        if self.train and self.shuffle:  # drawn on the CPU (a millisecond for 50,000 images): CUDA's draws differ
             g = epoch_generator(self.seed, self.epoch, torch.device("cpu"))
             order = torch.randperm(n, generator=g).to(self.device)
             if self.augment:
@@ -125,25 +125,25 @@ def pick_loader(choice: str, data: Data, device: torch.device) -> str:
 
 
 def train_loader(dataset: Dataset, loading: Loading, device: torch.device, seed: int, kind: str = "torch",
-                 world: World = SINGLE) -> DataLoader | DeviceLoader:
+                 world: World = SINGLE, shuffle: bool = True) -> DataLoader | DeviceLoader:
     """The training batches: a DeviceLoader for kind `gpu`, else a DataLoader whose batches come from an
     `EpochSampler` (a ragged last one dropped). `loading.batch_size` is the global batch: each rank of `world`
-    takes its `share` of every batch."""
+    takes its `share` of every batch. Without `shuffle`, the same batches in the split's order every epoch."""
     if kind == "gpu":
         return DeviceLoader(dataset, loading.batch_size, device, train=True, seed=seed, rank=world.rank,
-                            ranks=world.size)
+                            ranks=world.size, shuffle=shuffle)
     drop_last = len(dataset) > loading.batch_size  # a batch of one breaks batch norm
     batches = EpochSampler(len(dataset), loading.batch_size, drop_last, seed,
-                           getattr(dataset, "augment", None) is not None, world.rank, world.size)
+                           getattr(dataset, "augment", None) is not None, world.rank, world.size, shuffle)
     return _data_loader(dataset, batches, loading, device, seed)
 
 
 def eval_loader(dataset: Dataset, loading: Loading, device: torch.device, seed: int, kind: str = "torch",
-                limit: int | None = None, world: World = SINGLE) -> DataLoader | DeviceLoader:
-    """An evaluation split in order: this rank's consecutive part of it (of its first `limit` batches), in
-    batches of its share of the global batch, so that the ranks count each sample once."""
-    mine = share(range(min(len(dataset), limit * loading.batch_size) if limit else len(dataset)), world.rank,
-                 world.size)
+                limit: int | float | None = None, world: World = SINGLE) -> DataLoader | DeviceLoader:
+    """An evaluation split in order: this rank's consecutive part of it (of its first `limit` batches, or that
+    fraction of them: see `limited`), in batches of its share of the global batch, so that the ranks count each
+    sample once."""
+    mine = share(range(limited_samples(limit, len(dataset), loading.batch_size)), world.rank, world.size)
     if len(mine) < len(dataset):
         dataset = (Tensors(dataset.x[mine.start:mine.stop], dataset.y[mine.start:mine.stop])
                    if isinstance(dataset, Tensors) else Subset(dataset, mine))
@@ -152,6 +152,21 @@ def eval_loader(dataset: Dataset, loading: Loading, device: torch.device, seed: 
         return DeviceLoader(dataset, batch_size, device, train=False, seed=seed)
     batches = BatchSampler(SequentialSampler(dataset), batch_size, drop_last=False)
     return _data_loader(dataset, batches, loading, device, seed)
+
+
+def limited(limit: int | float | None, batches: int) -> int:
+    """How many of a loader's `batches` a stage takes under trainer.limit_*_batches: all for null, at most `limit`
+    for a whole number, that fraction of them for a float (at least one)."""
+    if limit is None:
+        return batches
+    if isinstance(limit, float):
+        return min(batches, max(1, int(limit * batches)))
+    return min(batches, limit)
+
+
+def limited_samples(limit: int | float | None, n: int, batch_size: int) -> int:
+    """The samples of an evaluation split of `n` that its first batches under `limit` hold."""
+    return min(n, limited(limit, -(-n // batch_size)) * batch_size)
 
 
 def _data_loader(dataset: Dataset, batches: Sampler, loading: Loading, device: torch.device, seed: int) -> DataLoader:

@@ -29,7 +29,7 @@ class Trainer:
     precision: Precision = MISSING
     grad_clip: Optional[float] = MISSING
     early_stop_patience: Optional[int] = MISSING
-    limit_batches: Optional[int] = MISSING
+    limit_batches: Any = MISSING  # a number of batches, or a fraction of them (checked below)
     log_every: int = MISSING
     channels_last: Any = MISSING  # auto, true or false (checked by hsci/parts/build.py)
     compile: Any = MISSING  # false, true or max-autotune
@@ -39,6 +39,16 @@ class Trainer:
     devices: Any = 1  # processes on this machine, one per GPU (or CPU processes): N or auto
     sync_batchnorm: bool = False
     dist_timeout_s: float = 300
+    # The loop's controls (hsci/loop/pace.py); runs saved before they existed ran without them.
+    accumulate_grad_batches: int = 1
+    val_every_epochs: int = 1
+    val_check_interval: Any = 1.0  # a fraction of an epoch (float) or a number of optimizer steps (int)
+    max_time: Any = None  # DD:HH:MM:SS or seconds
+    min_epochs: Optional[int] = None
+    limit_train_batches: Any = None  # null: limit_batches
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    overfit_batches: int = 0
 
 
 @dataclass
@@ -69,6 +79,31 @@ MONITORS = {"multiclass": ("val_loss", "val_acc", "val_precision", "val_recall",
 LOSS_TASK = {"torch.nn.CrossEntropyLoss": "multiclass", "torch.nn.BCEWithLogitsLoss": "binary",
              "torch.nn.MSELoss": "regression"}
 
+LIMITS = ("limit_batches", "limit_train_batches", "limit_val_batches", "limit_test_batches")
+LIMIT = "a whole number of batches, at least 1, or a fraction of them above 0 and at most 1.0, or null"
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _limit(value) -> bool:
+    """A number of batches (or steps), at least 1, or a fraction of them in (0, 1]."""
+    return _whole(value) and value >= 1 or isinstance(value, float) and 0 < value <= 1
+
+
+def max_time_s(value: int | float | str) -> float:
+    """trainer.max_time in seconds: a number of seconds, or DD:HH:MM:SS as Lightning's `max_time` takes it; -1 for
+    anything else."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    found = re.fullmatch(r"(\d+):(\d{1,2}):(\d{1,2}):(\d{1,2})", str(value).strip())
+    if not found:
+        return -1.0
+    days, hours, minutes, seconds = map(int, found.groups())
+    return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+
+
 # Values that compose but cannot train: (key, test, what the value must be).
 CHECKS = [("seed", lambda v: 0 <= v < 2**32, "between 0 and 2**32 - 1 (4294967295)"),
           ("trainer.epochs", lambda v: v >= 1, "at least 1"),
@@ -80,13 +115,21 @@ CHECKS = [("seed", lambda v: 0 <= v < 2**32, "between 0 and 2**32 - 1 (429496729
           ("data.test_fraction", lambda v: 0 < v < 1, "between 0 and 1"),
           ("data.loader", lambda v: v in ("auto", "torch", "gpu"), "auto, torch or gpu"),
           ("trainer.log_every", lambda v: v >= 1, "at least 1"),
-          ("trainer.limit_batches", lambda v: v is None or v >= 1, "at least 1, or null"),
+          *((f"trainer.{key}", lambda v: v is None or _limit(v), LIMIT) for key in LIMITS),
           ("trainer.early_stop_patience", lambda v: v is None or v >= 1, "at least 1, or null"),
           ("trainer.grad_clip", lambda v: v is None or v > 0, "above 0, or null"),
           ("trainer.channels_last", lambda v: v in ("auto", True, False), "auto, true or false"),
           ("trainer.compile", lambda v: v in (False, True, "max-autotune"), "false, true or max-autotune"),
           ("trainer.devices", lambda v: v == "auto" or isinstance(v, int) and v >= 1, "auto or 1 or more"),
           ("trainer.dist_timeout_s", lambda v: v > 0, "above 0"),
+          ("trainer.accumulate_grad_batches", lambda v: _whole(v) and v >= 1, "a whole number, at least 1"),
+          ("trainer.val_every_epochs", lambda v: _whole(v) and v >= 1, "a whole number, at least 1"),
+          ("trainer.val_check_interval", _limit, "a fraction of an epoch above 0 and at most 1.0 (0.25: four times an "
+           "epoch), or a whole number of optimizer steps, at least 1"),
+          ("trainer.max_time", lambda v: v is None or max_time_s(v) > 0,
+           "a time above 0 as DD:HH:MM:SS (00:04:00:00 for four hours) or seconds, or null"),
+          ("trainer.min_epochs", lambda v: v is None or _whole(v) and v >= 1, "a whole number, at least 1, or null"),
+          ("trainer.overfit_batches", lambda v: _whole(v) and v >= 0, "a whole number of batches, or 0 (off)"),
           ("trainer.monitor", lambda v: v == "auto" or any(v in names for names in MONITORS.values()),
            "auto or a validation value: " + ", ".join(dict.fromkeys(sum(MONITORS.values(), ())))),
           ("model.pretrained", lambda v: isinstance(v, bool), "true or false (a weights file goes in model.weights=<file>)"),
