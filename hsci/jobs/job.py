@@ -28,8 +28,8 @@ from hsci.record.resume import reopen
 
 # What summary.json says of a run's outcome: cleared when a resume sets it running again.
 RESULTS = ("error", "device", "precision", "channels_last", "loader", "compile_s", "startup_s", "world_size", "nodes",
-           "backend", "classes", "comparable", "epochs_run", "monitor", "mode", "best_epoch", "best_val", "test",
-           "test_ci", "test_per_class")
+           "backend", "classes", "comparable", "stopped_by", "epochs_run", "monitor", "mode", "best_epoch", "best_step",
+           "best_val", "test", "test_ci", "test_per_class")
 
 
 def main(cfg: DictConfig, changes: list[str] = ()) -> float | None:

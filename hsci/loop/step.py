@@ -1,5 +1,6 @@
 """The training step and what it carries: the epoch under way (`Epoch`), the optimizer with its schedule and grad
-scaler (hsci/parts/build.py's `Optim`), and the readings taken every `trainer.log_every` steps (`Readings`).
+scaler (hsci/parts/build.py's `Optim`), and the readings taken every `trainer.log_every` steps (`Readings`). A step
+is an optimizer step: with trainer.accumulate_grad_batches it takes several batches.
 
 `hsci train` (hsci/loop/train.py) runs its epochs through `train_epoch`; `hsci bench` and benchmarks/ time the
 very same function. The loss stays on the device and is read at readings only.
@@ -11,9 +12,10 @@ import math
 import resource
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 from torch import nn
@@ -24,11 +26,15 @@ from hsci.parts.world import SINGLE, World
 from hsci.record import rundir
 from hsci.record.resume import Position
 
+if TYPE_CHECKING:
+    from hsci.loop.pace import Pace
+
 
 @dataclass
 class Epoch:
-    """An epoch under way: its `number`, its `stop` steps, the `step`s done, their loss sum (on the device) and
-    the samples `seen`; `seen_first`, the samples it had seen when this session took it up."""
+    """An epoch under way: its `number`, its `stop` optimizer steps, the `step`s done, their loss sum (on the device)
+    and the samples `seen`; `seen_first`, the samples it had seen when this session took it up. Each step takes
+    `accumulate` of the epoch's `batches` (by default, as many as its steps need), its last what is left."""
 
     number: int
     stop: int
@@ -36,18 +42,25 @@ class Epoch:
     loss_sum: torch.Tensor
     seen: int
     seen_first: int
+    batches: int | None = None
+    accumulate: int = 1
 
     @classmethod
     def start(cls, number: int, stop: int, device: torch.device) -> Epoch:
-        """Epoch `number` from its first step."""
+        """Epoch `number` from its first step, a batch a step."""
         return cls(number, stop, 0, torch.zeros((), device=device), 0, 0)
 
     @classmethod
-    def after(cls, position: Position, stop: int, device: torch.device) -> Epoch:
+    def after(cls, position: Position, pace: Pace, device: torch.device) -> Epoch:
         """The epoch after the last complete one at `position`, from the step it stopped after (a resumed run) or
-        from its start."""
-        return cls(position.epoch + 1, stop, position.step, torch.tensor(position.loss_sum, device=device),
-                   position.seen, seen_first=position.seen)
+        from its start, at `pace`."""
+        return cls(position.epoch + 1, pace.steps, position.step, torch.tensor(position.loss_sum, device=device),
+                   position.seen, position.seen, pace.batches, pace.accumulate)
+
+    def group(self, step: int) -> int:
+        """How many batches step `step` (from 0) takes."""
+        batches = self.stop * self.accumulate if self.batches is None else self.batches
+        return max(0, min(self.accumulate, batches - step * self.accumulate))
 
 
 class Diverged(Exception):
@@ -58,17 +71,32 @@ DIVERGED_HINT = ("lower optimizer.lr, set trainer.grad_clip (e.g. 1.0), or use t
                  "fp16; the last good checkpoint stays in checkpoints/")
 
 
-def train_epoch(parts: Parts, *, optim: Optim, batches: Iterable, epoch: Epoch, readings: Readings) -> int | None:
-    """Carry `epoch` on from its step reached to its last, updating it as it goes; stops after the current step
-    when a signal asks any rank to, and returns that signal. The loss stays on the device: it is read at
-    readings only (then over all ranks)."""
+def train_epoch(parts: Parts, *, optim: Optim, batches: Iterable, epoch: Epoch, readings: Readings,
+                until: int | None = None, deadline: float | None = None) -> int | str | None:
+    """Carry `epoch` on from its step reached to step `until` (its last, by default), updating it as it goes; stops
+    after the current step when a signal asks any rank to, and returns that signal, or TIME_UP once `deadline`
+    (time.monotonic()'s) has passed on any rank. The loss stays on the device: it is read at readings only (then
+    over all ranks).
+
+    A step of several batches (`epoch.group`) divides each batch's loss by their number, so that its summed
+    gradient is the one step on all of them at once would take; under DDP the ranks average it once, in the
+    step's last backward pass (`no_sync` before it). Clipping, the grad scaler and the readings act once a step."""
     parts.model.train()
     first, losses = epoch.step, torch.empty(epoch.stop, device=parts.device)  # kept to name the step that went NaN
-    for step, (x, y) in zip(range(epoch.step, epoch.stop), batches):
-        x, y = parts.to_input(x.to(parts.device, non_blocking=True)), y.to(parts.device, non_blocking=True)
-        with parts.amp():
-            loss = parts.loss_fn(parts.model(x), y)
-        optim.scaler.scale(loss).backward()
+    batches = iter(batches)  # the caller's iterator, if it passes one: the next call takes the batches that follow
+    for step in range(epoch.step, epoch.stop if until is None else until):
+        group, loss = epoch.group(step), None
+        for i, (x, y) in zip(range(group), batches):
+            x, y = parts.to_input(x.to(parts.device, non_blocking=True)), y.to(parts.device, non_blocking=True)
+            with parts.model.no_sync() if i + 1 < group and hasattr(parts.model, "no_sync") else nullcontext():
+                with parts.amp():
+                    part = parts.loss_fn(parts.model(x), y)
+                optim.scaler.scale(part / group if group > 1 else part).backward()
+            loss = part.detach() if loss is None else loss + part.detach()
+            epoch.seen += len(y)
+        if loss is None:  # the batches ran out
+            break
+        loss = loss / group if group > 1 else loss
         reading = readings.due(step + 1)
         grad_norm = clip_or_measure(parts.model, optim) if optim.grad_clip or reading else None
         lr = optim.opt.param_groups[0]["lr"]
@@ -76,11 +104,11 @@ def train_epoch(parts: Parts, *, optim: Optim, batches: Iterable, epoch: Epoch, 
         optim.scaler.update()
         optim.opt.zero_grad(set_to_none=True)
         optim.sched.step()
-        epoch.loss_sum += loss.detach().float()
-        losses[step] = loss.detach()
-        epoch.step, epoch.seen = step + 1, epoch.seen + len(y)
+        epoch.loss_sum += loss.float()
+        losses[step] = loss
+        epoch.step = step + 1
         readings.advance()
-        stop = parts.world.stop()
+        stop = parts.world.stop(late=deadline is not None and time.monotonic() >= deadline)
         if reading or stop:
             loss_sum = (readings.take(lr, grad_norm, optim.sched.last_epoch) if reading
                         else parts.world.mean(epoch.loss_sum).item())
@@ -116,6 +144,10 @@ class Readings:
     def due(self, done: int) -> bool:
         """Whether the step that completes `done` steps of the epoch is read."""
         return done % self.every == 0 or done == self.epoch.stop
+
+    def leave_out(self, seconds: float) -> None:
+        """Leave `seconds` spent apart from training (a validation within the epoch) out of the next speed read."""
+        self.time += seconds
 
     def advance(self) -> None:
         if self.progress:

@@ -1,11 +1,12 @@
-"""The loop of `hsci train`: build the experiment from its config, train and validate every epoch, keep the best
-checkpoint, test it.
+"""The loop of `hsci train`: build the experiment from its config, train and validate, keep the best checkpoint,
+test it.
 
 The loop is plain code: no trainer class, no callbacks. `train` builds the parts (hsci/parts/build.py) and runs
-the epochs, each through hsci/loop/step.py's `train_epoch`, which holds the step. A run stopped by a signal saves
-the exact point it reached (hsci/record/resume.py), and `resume=` carries on from it bit for bit. Every rank of a
-run on several processes runs this same loop on its share of the data (hsci/jobs/ranks.py starts them); how a
-job comes in and how its outcome is recorded is hsci/jobs/job.py's.
+the epochs, each through hsci/loop/step.py's `train_epoch`, which holds the step, pausing where hsci/loop/pace.py
+says: to validate (at the end of every epoch by default), and when trainer.max_time has passed. A run stopped by a
+signal saves the exact point it reached (hsci/record/resume.py), and `resume=` carries on from it bit for bit.
+Every rank of a run on several processes runs this same loop on its share of the data (hsci/jobs/ranks.py starts
+them); how a job comes in and how its outcome is recorded is hsci/jobs/job.py's.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 import hsci
 from hsci import interrupt, report
 from hsci.loop.evaluate import Metrics, evaluate, kept, monitor
+from hsci.loop.pace import Pace, stopping_early
 from hsci.loop.step import (DIVERGED_HINT, Diverged, Epoch, Readings, peak_memory_gb, reset_peak_memory, train_epoch,
                             warm_up)
 from hsci.parts.build import build, optimizing
 from hsci.parts.finetune import freeze_backbone, frozen_at, head
 from hsci.parts.loaders import Timed, start_epoch
-from hsci.parts.world import SINGLE, World
+from hsci.parts.world import SINGLE, TIME_UP, World
 from hsci.record import predictions, rundir, weights
 from hsci.record.comparable import class_names, comparable
 from hsci.record.resume import Position, checkpoint, restore
@@ -40,7 +42,7 @@ judge: Callable[[int, float], bool] | None = None
 
 
 def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = None, world: World = SINGLE) -> dict:
-    """Train and validate every epoch, keep the best checkpoint, test it; returns the results for summary.json.
+    """Train and validate at the run's pace, keep the best checkpoint, test it; returns the results for summary.json.
 
     `state` (a last.pt) puts the run back where it stopped; `config` is `cfg` as plain values. Every rank of
     `world` runs this on its share of the data; rank 0 alone writes the run directory (`world.main`).
@@ -49,8 +51,8 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
     parts = build(cfg, world=world, restoring=state is not None)  # a resumed run's weights are in its checkpoint
     started_from = None if state else weights.start_from(parts.model, cfg)  # model.weights or init_from, if set
     trainer, data = cfg.trainer, parts.data
-    steps = min(len(parts.loaders.train), trainer.limit_batches or len(parts.loaders.train))
-    optim = optimizing(cfg, parts, epochs=trainer.epochs, steps_per_epoch=steps)
+    pace = Pace.of(trainer, len(parts.loaders.train))  # an epoch's batches, optimizer steps and validations
+    optim = optimizing(cfg, parts, epochs=trainer.epochs, steps_per_epoch=pace.steps)
     metrics = Metrics(data.task, data.num_outputs, parts.device)
     key, mode = monitor(trainer.monitor, data.task, metrics)
     last = run_dir / "checkpoints" / "last.pt"
@@ -64,8 +66,8 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
                                "masks are drawn per share, so the run differs from one that was not interrupted)")
             report.say(f"note: the data split across processes changed ({saved_by} -> {world.size})")
     if world.main:  # a resumed run redoes what came after
-        rundir.keep_records(run_dir / "metrics.jsonl", "epoch", position.epoch)
-        rundir.keep_records(run_dir / STEPS, "step", optim.sched.last_epoch)
+        rundir.keep_records(run_dir / "metrics.jsonl", {"step": optim.sched.last_epoch, "epoch": position.epoch})
+        rundir.keep_records(run_dir / STEPS, {"step": optim.sched.last_epoch})
     compile_s = warm_up(parts, data.loading.batch_size // world.size) if trainer.compile else 0.0
     speed = parts.speed
     setup = {"device": str(parts.device), "precision": speed.precision, "channels_last": speed.channels_last,
@@ -77,7 +79,7 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
         freeze_backbone(parts.model, True)
         report.say(f"backbone frozen: training only the head, {head(parts.model)},"
                    + (f" until epoch {cfg.model.unfreeze_at_epoch}" if cfg.model.unfreeze_at_epoch else ""))
-    stepping = replace(parts, model=world.wrap(parts.model, parts.device))  # the step runs DDP's model
+    stepping = replace(parts, model=world.wrap(parts.model, parts.device, pace.accumulate > 1))  # DDP's model
     size = sum(weights.numel() for weights in parts.model.parameters())
     how = ("device", "precision", "channels_last", "loader", "compile_s")  # then the processes, and anything else
     for line in (f"{size:,} parameters  train/val/test {len(data.train)}/{len(data.val)}/{len(data.test)}  "
@@ -90,53 +92,70 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
         report.say(f"note: the test split holds {len(data.test)} examples: one of them moves accuracy by "
                    f"{100 / len(data.test):.2g} points")
 
-    while position.epoch < trainer.epochs:
-        if trainer.early_stop_patience and position.stale >= trainer.early_stop_patience:
-            report.say(f"early stop: no better {key} for {position.stale} epochs")
+    deadline, ended, header = pace.deadline(), None, True  # trainer.max_time from here: a resume has it afresh
+    while position.epoch < trainer.epochs and not ended:
+        if stopping_early(position, trainer):
+            ended = "early_stop"
             break
-        epoch = Epoch.after(position, steps, parts.device)
+        epoch = Epoch.after(position, pace, parts.device)
         if cfg.model.get("freeze") and freeze_backbone(parts.model, freeze(epoch.number)):  # thawed from this epoch
-            stepping = replace(parts, model=world.wrap(parts.model, parts.device))
+            stepping = replace(parts, model=world.wrap(parts.model, parts.device, pace.accumulate > 1))
             report.say(f"epoch {epoch.number}: the backbone trains from here on")
-        start_epoch(parts.loaders.train, epoch.number, epoch.step)
-        batches = Timed(parts.loaders.train)
+        start_epoch(parts.loaders.train, epoch.number, epoch.step * pace.accumulate)
+        timed = Timed(parts.loaders.train)
+        batches = iter(timed)  # taken up again after each validation within the epoch
         reset_peak_memory(parts.device)
-        lr, start = optim.opt.param_groups[0]["lr"], time.perf_counter()
-        with report.epoch_progress(epoch.number, trainer.epochs, epoch.step, steps) as progress:
+        lr, epoch_s = optim.opt.param_groups[0]["lr"], 0.0
+        with report.epoch_progress(epoch.number, trainer.epochs, epoch.step, epoch.stop) as progress:
             readings = Readings(trainer.log_every, epoch, run_dir / STEPS if world.main else None, progress, world)
-            stop = train_epoch(stepping, optim=optim, batches=batches, epoch=epoch, readings=readings)
-        epoch_s = time.perf_counter() - start
-        loss_sum = world.mean(epoch.loss_sum).item()  # over every rank's share
-        world.same_buffers(parts.model)
-        val = None if stop else evaluate(parts, parts.loaders.val, metrics)
-        if val is None:  # a stop signal: save the exact point reached
-            position = replace(position, step=epoch.step, loss_sum=loss_sum, seen=epoch.seen)
-            if world.main:
-                rundir.save_checkpoint(last, checkpoint(parts, optim, position, config, world))
-            return setup | stopped(run_dir, position.epoch, f"at epoch {epoch.number}, step {epoch.step}")
-        if not math.isfinite(val["loss"]):
-            raise Diverged(f"the validation loss is {val['loss']} after epoch {epoch.number}: {DIVERGED_HINT}")
-        record = {"epoch": epoch.number, "train_loss": loss_sum / epoch.step,
-                  **{f"val_{k}": v for k, v in val.items()}, "lr": lr, "epoch_s": epoch_s,
-                  "train_img_per_s": (epoch.seen - epoch.seen_first) * world.size / epoch_s,
-                  "data_wait_s": batches.wait_s, "max_mem_gb": peak_memory_gb(parts.device)}
-        report.epoch_row(record, first=epoch.number == 1)
-        improved = better(record, position.best_record, key, mode)
-        position = Position(epoch.number, best_record=record if improved else position.best_record,
-                            stale=0 if improved else position.stale + 1)
-        if world.main:
-            rundir.append_jsonl(run_dir / "metrics.jsonl", record)
-            if improved:
-                rundir.save_checkpoint(run_dir / "checkpoints" / "best.pt",
-                                       checkpoint(parts, optim, position, config, world))
-            rundir.save_checkpoint(last, checkpoint(parts, optim, position, config, world))
-        if judge is not None and judge(epoch.number, record[key]):
-            report.say(f"pruned after epoch {epoch.number}: {key} {record[key]:.4f} is not promising (the tune's "
-                       "pruner)")
-            best = position.best_record
-            return setup | {"status": "pruned", "epochs_run": position.epoch, "monitor": key, "mode": mode,
-                            "best_epoch": best["epoch"], "error": f"pruned by the tune after epoch {epoch.number}",
-                            "best_val": {k: v for k, v in best.items() if k.startswith("val_")}}
+            for until in pace.checks(epoch.number, epoch.step, position.due):  # each validation point, then the end
+                start = time.perf_counter()
+                stop = train_epoch(stepping, optim=optim, batches=batches, epoch=epoch, readings=readings, until=until,
+                                   deadline=deadline)
+                paused = time.perf_counter()
+                epoch_s += paused - start
+                end = epoch.step >= epoch.stop
+                validating = stop == TIME_UP or epoch.step >= until and (not end or pace.validates(epoch.number))
+                loss_sum = world.mean(epoch.loss_sum).item()  # over every rank's share
+                world.same_buffers(parts.model)
+                val = evaluate(parts, parts.loaders.val, metrics) if validating and stop in (None, TIME_UP) else None
+                position = replace(position, step=epoch.step, loss_sum=loss_sum, seen=epoch.seen, due=False)
+                if stop not in (None, TIME_UP) or validating and val is None:  # a stop signal: save the point reached
+                    position = replace(position, due=validating and not end)  # the resumed run validates first
+                    if world.main:
+                        rundir.save_checkpoint(last, checkpoint(parts, optim, position, config, world))
+                    return setup | stopped(run_dir, position, f"at epoch {epoch.number}, step {epoch.step}")
+                if val and not math.isfinite(val["loss"]):
+                    raise Diverged(f"the validation loss is {val['loss']} at epoch {epoch.number}, step {epoch.step}: "
+                                   f"{DIVERGED_HINT}")
+                validated = {f"val_{k}": v for k, v in (val or dict.fromkeys(["loss", *sorted(metrics.names)])).items()}
+                record = {"epoch": epoch.number, "step": optim.sched.last_epoch, "train_loss": loss_sum / epoch.step,
+                          **validated, "lr": lr, "epoch_s": epoch_s,  # lr: at the epoch's start
+                          "train_img_per_s": (epoch.seen - epoch.seen_first) * world.size / max(epoch_s, 1e-9),
+                          "data_wait_s": timed.wait_s, "max_mem_gb": peak_memory_gb(parts.device)}
+                # The console shows the step where an epoch validates more than once, and blanks for no validation.
+                report.epoch_row(record if pace.interval else {k: v for k, v in record.items() if k != "step"}, header)
+                header, improved = False, bool(val) and better(record, position.best_record, key, mode)
+                position = replace(Position(epoch.number) if end else position,
+                                   best_record=record if improved else position.best_record,
+                                   stale=0 if improved else position.stale + bool(val))  # counts validations
+                if world.main:
+                    rundir.append_jsonl(run_dir / "metrics.jsonl", {k: v for k, v in record.items() if v is not None})
+                    if improved:
+                        rundir.save_checkpoint(run_dir / "checkpoints" / "best.pt",
+                                               checkpoint(parts, optim, position, config, world))
+                    rundir.save_checkpoint(last, checkpoint(parts, optim, position, config, world))
+                if end and val and judge is not None and judge(epoch.number, record[key]):
+                    return setup | pruned(position, key, mode, record[key])
+                if stop == TIME_UP or val and stopping_early(position, trainer):
+                    ended = "max_time" if stop == TIME_UP else "early_stop"
+                    break
+                readings.leave_out(time.perf_counter() - paused)  # the validation is no part of the next speed read
+    if ended == "max_time":
+        report.say(f"max_time {trainer.max_time} passed: stopped at epoch {epoch.number}, step {epoch.step}; resume "
+                   f"with: hsci train resume={run_dir}")
+    if ended == "early_stop":
+        report.say(f"early stop: no better {key} for {position.stale} validations")
 
     world.barrier()  # rank 0 has written best.pt
     best_state = rundir.load_checkpoint(run_dir / "checkpoints" / "best.pt")
@@ -144,12 +163,12 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
     outputs = []
     test = evaluate(parts, parts.loaders.test, metrics, outputs)
     if test is None:
-        return setup | stopped(run_dir, position.epoch, "while testing")
+        return setup | stopped(run_dir, position, "while testing")
     scores, targets = kept(outputs, world)
     best = position.best_record
-    results = {"status": "completed", "epochs_run": position.epoch, "monitor": key, "mode": mode,
-               "best_epoch": best["epoch"], "best_val": {k: v for k, v in best.items() if k.startswith("val_")},
-               "test": test}
+    results = {"status": "completed", "stopped_by": ended or "epochs", "epochs_run": position.epoch, "monitor": key,
+               "mode": mode, "best_epoch": best["epoch"], "best_step": best.get("step"),
+               "best_val": {k: v for k, v in best.items() if k.startswith("val_")}, "test": test}
     if world.main:
         files = [path for path, _ in data.test.samples] if hasattr(data.test, "samples") else None
         kept_arrays = predictions.arrays(data.task, scores, targets, files)
@@ -158,6 +177,16 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
         if setup["classes"]:
             results["test_per_class"] = predictions.per_class(kept_arrays, setup["classes"])
     return setup | results
+
+
+def pruned(position: Position, key: str, mode: str, value: float) -> dict:
+    """A trial that a tune's pruner stopped after the epoch `position` completed, its `key` at `value`
+    (hsci/jobs/tune.py)."""
+    best = position.best_record
+    report.say(f"pruned after epoch {position.epoch}: {key} {value:.4f} is not promising (the tune's pruner)")
+    return {"status": "pruned", "epochs_run": position.epoch, "monitor": key, "mode": mode, "best_epoch": best["epoch"],
+            "error": f"pruned by the tune after epoch {position.epoch}",
+            "best_val": {k: v for k, v in best.items() if k.startswith("val_")}}
 
 
 def better(record: dict, best: dict, key: str, mode: str) -> bool:
@@ -169,7 +198,9 @@ def better(record: dict, best: dict, key: str, mode: str) -> bool:
     return record["val_loss"] < best["val_loss"]
 
 
-def stopped(run_dir: Path, done: int, where: str) -> dict:
+def stopped(run_dir: Path, position: Position, where: str) -> dict:
+    """A run stopped by a signal `where` it was (at epoch E, step S: the epoch under way, as the console numbers
+    it), and the epochs it completed."""
     name = signal.Signals(interrupt.requested()).name
-    return {"status": "interrupted", "epochs_run": done,
-            "error": f"{name} {where}; resume with: hsci train resume={run_dir}"}
+    return {"status": "interrupted", "epochs_run": position.epoch,
+            "error": f"{name} {where} ({position.epoch} epochs complete); resume with: hsci train resume={run_dir}"}

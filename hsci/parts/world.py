@@ -23,6 +23,9 @@ from torch.nn.parallel import DistributedDataParallel
 from hsci import interrupt
 
 
+TIME_UP = "max_time"  # what `World.stop` says when trainer.max_time has passed
+
+
 @dataclass(frozen=True)
 class World:
     """This process's place among the run's processes: one process, rank 0 of 1, unless started as a rank."""
@@ -44,18 +47,19 @@ class World:
     def nodes(self) -> int:
         return self.size // self.local_size
 
-    def stop(self) -> int | None:
+    def stop(self, late: bool = False) -> int | str | None:
         """The stop signal all ranks act on after this step, if any of them received one (the highest-numbered,
-        should they differ); one small exchange between processes, on the CPU: the device is not waited for."""
+        should they differ); else TIME_UP if any rank is `late` (trainer.max_time has passed by its clock). One
+        small exchange between processes, on the CPU: the device is not waited for."""
         signum = interrupt.requested()
         if self.backend is None or self.size == 1:
-            return signum
-        flag = torch.tensor(signum or 0)
-        dist.all_reduce(flag, dist.ReduceOp.MAX, group=self.control)
-        agreed = int(flag) or None
+            return signum or (TIME_UP if late else None)
+        flags = torch.tensor([signum or 0, int(late)])
+        dist.all_reduce(flags, dist.ReduceOp.MAX, group=self.control)
+        agreed, late = int(flags[0]) or None, bool(flags[1])
         if agreed and not signum:  # another rank got it: this one stops as if it had
             interrupt.received.append(agreed)
-        return agreed
+        return agreed or (TIME_UP if late else None)
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         """The mean of `value` over the ranks (each holds its own share's)."""
@@ -116,13 +120,14 @@ class World:
             for buffer in model.buffers():
                 dist.broadcast(buffer, 0)
 
-    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+    def wrap(self, model: nn.Module, device: torch.device, accumulating: bool = False) -> nn.Module:
         """The model as the training step runs it: under DDP, which averages the gradients in buckets during the
-        backward pass, whenever ranks are in play (even one, under torchrun)."""
+        backward pass, whenever ranks are in play (even one, under torchrun). A static graph lets DDP plan its
+        buckets once, but it cannot skip an exchange: `accumulating` (no_sync between optimizer steps) goes without."""
         if self.backend is None:
             return model
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                       gradient_as_bucket_view=True, static_graph=True)
+                                       gradient_as_bucket_view=True, static_graph=not accumulating)
 
 
 SINGLE = World()

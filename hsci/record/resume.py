@@ -26,9 +26,10 @@ RESUMABLE = ("trainer.", "data.root", "data.download", "data.num_workers")
 
 @dataclass
 class Position:
-    """Where a run stands, as last.pt records it: `epoch` epochs complete, then `step` steps of the next one,
-    whose losses add up to `loss_sum` over `seen` samples (all zero between epochs); the best epoch's record
-    so far, and the epochs since it (`stale`)."""
+    """Where a run stands, as last.pt records it: `epoch` epochs complete, then `step` optimizer steps of the next
+    one, whose losses add up to `loss_sum` over `seen` samples (all zero between epochs); the best validation's
+    record so far, and the validations since it (`stale`); `due`: a validation is owed at this step (a stop came
+    before it ran), and the resumed run runs it first."""
 
     epoch: int = 0
     step: int = 0
@@ -36,20 +37,30 @@ class Position:
     seen: int = 0
     best_record: dict = field(default_factory=dict)
     stale: int = 0
+    due: bool = False
 
 
-# What a last.pt holds to carry on exactly: the state of everything that changes, and the Position.
-POSITION = ("model", "optimizer", "scheduler", "scaler", "rng", *(f.name for f in fields(Position)))
+# What a last.pt holds to carry on exactly: the state of everything that changes, and the Position (`due` is absent
+# from a last.pt saved before it existed: none was owed).
+POSITION = ("model", "optimizer", "scheduler", "scaler", "rng", *(f.name for f in fields(Position) if f.name != "due"))
+# The trainer keys a resume may not change: they chose the best checkpoint so far, or they change the experiment
+# (what an optimizer step sees); with their values for runs saved before they existed.
+FIXED = {"monitor": "auto", "accumulate_grad_batches": 1, "overfit_batches": 0}
 
 
 def reopen(run_dir: Path, changes: list[str]) -> tuple[DictConfig, dict | None, dict]:
     """For `resume=`: the run's saved config with `changes` applied, its last checkpoint (None if it saved
     none yet) and its summary so far."""
     cfg = rundir.load_config(run_dir, changes, RESUMABLE, "resume")
-    picked_by = OmegaConf.load(run_dir / ".hydra" / "config.yaml").trainer.get("monitor", "auto")
-    if cfg.trainer.monitor != picked_by:  # the best checkpoint and the early-stop count were kept by it
-        raise UserError(f"resume: trainer.monitor={cfg.trainer.monitor} would change how {run_dir} picks its best "
-                        f"checkpoint (by {picked_by} so far): resume without it, or start a new run")
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml").trainer
+    for key, before in FIXED.items():
+        was, now = saved.get(key, before), cfg.trainer[key]
+        if now != was and key == "monitor":  # the best checkpoint and the early-stop count were kept by it
+            raise UserError(f"resume: trainer.monitor={now} would change how {run_dir} picks its best checkpoint (by "
+                            f"{was} so far): resume without it, or start a new run")
+        if now != was:
+            raise UserError(f"resume: trainer.{key}={now} would change the experiment ({run_dir} trains with {was}): "
+                            "resume without it, or start a new run")
     last = run_dir / "checkpoints" / "last.pt"
     state = rundir.load_checkpoint(last, POSITION) if last.exists() else None
     try:
@@ -64,11 +75,12 @@ def reopen(run_dir: Path, changes: list[str]) -> tuple[DictConfig, dict | None, 
         if state["epoch"] >= cfg.trainer.epochs:
             raise UserError(f"resume: {run_dir} already completed its {state['epoch']} epochs; raise trainer.epochs "
                             "to train it further")
-        if patience and state["stale"] >= patience:
-            raise UserError(f"resume: {run_dir} stopped early after epoch {state['epoch']} ({state['stale']} epochs "
-                            "without a better validation metric); raise trainer.early_stop_patience (or set it to "
-                            "null) to train it further")
-    summary["resumed"] = summary.get("resumed", []) + [{"at": rundir.now(), "epoch": state["epoch"] if state else 0,
+        if patience and state["stale"] >= patience and state["epoch"] >= (cfg.trainer.min_epochs or 0):
+            raise UserError(f"resume: {run_dir} stopped early after epoch {state['epoch']} ({state['stale']} "
+                            "validations without a better validation metric); raise trainer.early_stop_patience (or "
+                            "set it to null) to train it further")
+    # Where it resumes, numbered as the console says it: the epoch under way, the optimizer steps made in it.
+    summary["resumed"] = summary.get("resumed", []) + [{"at": rundir.now(), "epoch": state["epoch"] + 1 if state else 1,
                                                         "step": state["step"] if state else 0, "changes": changes}]
     return cfg, state, summary
 
@@ -88,7 +100,7 @@ def restore(state: dict, model: nn.Module, optim: Optim, source: Path) -> Positi
     if state["scaler"] and optim.scaler.is_enabled():
         optim.scaler.load_state_dict(state["scaler"])
     rundir.set_rng_state(state["rng"])
-    return Position(**{f.name: state[f.name] for f in fields(Position)})
+    return Position(**{f.name: state[f.name] for f in fields(Position) if f.name in state})
 
 
 def checkpoint(parts: Parts, optim: Optim, position: Position, config: dict, world: World) -> dict:

@@ -88,9 +88,10 @@ def load_config(run_dir: Path, changes: list[str], allowed: tuple[str, ...], ver
     return cfg
 
 
-def keep_records(path: Path, key: str, last: int) -> None:
-    """Keep the records of a metrics.jsonl (`key` epoch) or steps.jsonl (`key` step) up to `last`, once each:
-    a resumed run redoes the rest."""
+def keep_records(path: Path, last: dict[str, int]) -> None:
+    """Keep the records of a metrics.jsonl or steps.jsonl up to `last` ({"step": 120}, or {"step": 120, "epoch": 3}),
+    once each: a resumed run redoes the rest. A record is judged by the first key of `last` it holds (metrics.jsonl
+    records written before they held `step`, by their `epoch`)."""
     if not path.exists():
         return
     records = {}
@@ -99,8 +100,9 @@ def keep_records(path: Path, key: str, last: int) -> None:
             record = json.loads(line)
         except ValueError:  # a line cut short by a kill
             continue
-        if record.get(key, last + 1) <= last:
-            records[record[key]] = line
+        key = next((k for k in last if k in record), None)
+        if key and record[key] <= last[key]:
+            records[key, record[key]] = line
     write_atomic(path, lambda f: f.write("".join(records[k] + "\n" for k in sorted(records)).encode()))
 
 
