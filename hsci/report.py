@@ -84,7 +84,7 @@ class EpochProgress:
     def show(self, done: int, reading: dict) -> None:
         norm = reading["grad_norm"]
         text = (f"loss {reading['train_loss']:.4f}  lr {reading['lr']:.2e}  "
-                + (f"grad_norm {norm:.3g}  " if norm is not None else "") + f"{reading['img_per_s']:,.0f} img/s")
+                + (f"grad_norm {norm:.3g}  " if norm is not None else "") + f"{speed(reading['img_per_s'])} img/s")
         line = f"{self.desc} step {done}/{self.stop}  {text}"
         if self.bar:
             log.info(line)
@@ -94,9 +94,10 @@ class EpochProgress:
 
 
 def epoch_row(record: dict, first: bool) -> None:
-    """One row per epoch: a plain line of every value (and in train.log); on a terminal, aligned columns under a
-    header, short enough for 80 columns (`columns`)."""
-    line = "  ".join(f"{k} {_fmt(k, v)}" for k, v in record.items())
+    """One row per validation or epoch: a plain line of every value (and in train.log); on a terminal, aligned
+    columns under a header, short enough for 80 columns (`columns`). A value that is None (the validation of an
+    epoch that does not validate) is left out of the line, and blank in its column."""
+    line = "  ".join(f"{k} {_fmt(k, v)}" for k, v in record.items() if v is not None)
     log.info(line)
     if not console.is_terminal:
         console.print(line, markup=False, soft_wrap=True)
@@ -110,7 +111,8 @@ def epoch_row(record: dict, first: bool) -> None:
 
 # The epoch table on a terminal: each value's label and width (rows align unless a value outgrows it), and what goes
 # first when the columns would not fit: precision and recall (f1 sums them up), then memory and data wait.
-COLUMNS = {"epoch": ("epoch", 5), "train_loss": ("train", 6), "val_loss": ("val", 6), "val_acc": ("acc", 5),
+COLUMNS = {"epoch": ("epoch", 5), "step": ("step", 6), "train_loss": ("train", 6), "val_loss": ("val", 6),
+           "val_acc": ("acc", 5),
            "val_precision": ("prec", 5), "val_recall": ("rec", 5), "val_f1": ("f1", 5), "val_top5": ("top5", 5),
            "val_mse": ("mse", 6), "val_mae": ("mae", 6), "val_r2": ("r2", 6), "lr": ("lr", 7),
            "epoch_s": ("secs", 4), "train_img_per_s": ("img/s", 7), "data_wait_s": ("wait", 4),
@@ -131,12 +133,14 @@ def columns(keys: list[str], width: int) -> dict[str, tuple[str, int]]:
 
 def _cell(key: str, value) -> str:
     """A value in the epoch table: fewer digits than the log's, so that it fits its column."""
+    if value is None:
+        return ""
     if not isinstance(value, float):
         return str(value)
     if key == "lr":
         return f"{value:.1e}"
     if key.endswith("per_s"):
-        return f"{value:,.0f}"
+        return speed(value)
     if key.endswith("_s"):
         return f"{value:.1f}" if value < 100 else f"{value:.0f}"
     if key.endswith("_gb"):
@@ -213,13 +217,19 @@ def rows_table(rows: list[dict], title: str, numbers: tuple[str, ...]) -> None:
                       soft_wrap=True)
 
 
+def speed(per_s: float) -> str:
+    """A rate such as images per second: whole numbers from 100 on, else three significant digits (a slow model's
+    0.42 img/s is not 0)."""
+    return f"{per_s:,.0f}" if per_s >= 100 else f"{per_s:.3g}"
+
+
 def _fmt(key: str, value) -> str:
     if not isinstance(value, float):
         return str(value)
     if key == "lr":
         return f"{value:.2e}"
     if key.endswith("per_s"):
-        return f"{value:,.0f}"
+        return speed(value)
     if key.endswith("_s"):
         return f"{value:.1f}"
     return f"{value:.4f}"

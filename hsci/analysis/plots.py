@@ -1,7 +1,7 @@
 """Plots drawn from a run's own records, after its training (they cost the epochs nothing), and `hsci plot`.
 
-- `curves.png`: per epoch, the train and validation loss, the monitored validation value, the learning rate
-  (metrics.jsonl);
+- `curves.png`: per epoch (per optimizer step where epochs validate more than once), the train and validation
+  loss, the monitored validation value, the learning rate (metrics.jsonl);
 - `confusion.png` for classification: the test split's confusion matrix, with the class names (summary.json's
   `classes`, test_predictions.npz); `predicted.png` for regression: predicted against true values;
 - a sweep's `sweep.png`: the monitored validation value against each numeric value swept (log scale for learning
@@ -58,18 +58,22 @@ def _records(path: Path) -> list[dict]:
 
 
 def curves(records: list[dict], summary: dict, path: Path) -> Path:
-    monitor = summary.get("monitor") or ("val_acc" if "val_acc" in records[0] else "val_loss")
-    epochs = [r["epoch"] for r in records]
+    monitor = summary.get("monitor") or ("val_acc" if any("val_acc" in r for r in records) else "val_loss")
+    by_step = len({r["epoch"] for r in records}) < len(records)  # validations within epochs
+    unit = "step" if by_step else "epoch"
+    epochs = [r[unit] for r in records]
     fig = _figure(11, 3.6, left=0.06, right=0.98, top=0.8, wspace=0.3)
     loss, metric, lr = fig.subplots(1, 3)
     loss.plot(epochs, [r["train_loss"] for r in records], "o-", label="train", markersize=3)
-    loss.plot(epochs, [r["val_loss"] for r in records], "o-", label="validation", markersize=3)
+    validated = [r for r in records if "val_loss" in r]  # an epoch that does not validate has no val_*
+    loss.plot([r[unit] for r in validated], [r["val_loss"] for r in validated], "o-", label="validation", markersize=3)
     loss.set_title("loss")
     loss.legend()
-    metric.plot(epochs, [r.get(monitor) for r in records], "o-", color="tab:green", markersize=3)
-    best = summary.get("best_epoch")
+    metric.plot([r[unit] for r in validated], [r.get(monitor) for r in validated], "o-", color="tab:green",
+                markersize=3)
+    best = summary.get(f"best_{unit}")
     if best:
-        metric.axvline(best, color="gray", linestyle="--", linewidth=1, label=f"best epoch ({best})")
+        metric.axvline(best, color="gray", linestyle="--", linewidth=1, label=f"best {unit} ({best})")
         metric.legend()
     metric.set_title(monitor)
     lr.plot(epochs, [r["lr"] for r in records], "o-", color="tab:purple", markersize=3)
@@ -78,7 +82,7 @@ def curves(records: list[dict], summary: dict, path: Path) -> Path:
 
     for ax in (loss, metric, lr):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("optimizer step" if by_step else "epoch")
         ax.grid(alpha=0.3)
     fig.suptitle(f"{summary.get('name', '')}: {summary.get('status', '')}", fontsize=10)
     fig.savefig(path, dpi=DPI)
