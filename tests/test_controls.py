@@ -166,7 +166,7 @@ def test_a_run_stopped_mid_accumulation_after_a_validation_within_an_epoch_resum
     # Resumed, it validates first; then SIGINT on the 2nd batch of step 3: it stops after that step's 3rd batch.
     stopped = hsci("train", f"resume={run}", cwd=tmp_path, env=env | {"HSCI_TEST_STOP": "train:2"})
     assert stopped.returncode == 130, stopped.stderr
-    assert "resuming at epoch 2, step 2" in stopped.stdout
+    assert "resuming at epoch 2, step 2, with the validation the stop came before" in stopped.stdout
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert (state["epoch"], state["step"], state["due"]) == (1, 3, False)
     refused = hsci("train", f"resume={run}", "trainer.accumulate_grad_batches=1", cwd=tmp_path, env=env)

@@ -58,7 +58,8 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
     last = run_dir / "checkpoints" / "last.pt"
     position = restore(state, parts.model, optim, last) if state else Position()
     if state:
-        report.say(f"resuming at epoch {position.epoch + 1}, step {position.step}")
+        report.say(f"resuming at epoch {position.epoch + 1}, step {position.step}"
+                   + (", with the validation the stop came before" if position.due else ""))
         saved_by = state.get("world_size", 1)
         if saved_by != world.size:
             report.log.warning(f"resuming on {world.size} process(es), saved by {saved_by}: each process's share "
@@ -203,4 +204,5 @@ def stopped(run_dir: Path, position: Position, where: str) -> dict:
     it), and the epochs it completed."""
     name = signal.Signals(interrupt.requested()).name
     return {"status": "interrupted", "epochs_run": position.epoch,
-            "error": f"{name} {where} ({position.epoch} epochs complete); resume with: hsci train resume={run_dir}"}
+            "error": f"{name} {where} ({position.epoch} epoch{'' if position.epoch == 1 else 's'} complete); resume "
+                     f"with: hsci train resume={run_dir}"}
