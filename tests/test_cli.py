@@ -224,7 +224,7 @@ def test_early_stop_precision_and_grad_clip(tmp_path):
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
     summary = summary_of(run)
     assert summary["epochs_run"] == 3 and summary["best_epoch"] == 1
-    assert "early stop: no better val_acc for 2 epochs" in result.stdout
+    assert "early stop: no better val_acc for 2 validations" in result.stdout
 
 
 def test_monitor_picks_the_best_checkpoint_by_any_validation_value(tmp_path):
