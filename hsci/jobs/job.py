@@ -16,11 +16,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from hsci import UserError, interrupt, report
 from hsci.analysis import plots
+from hsci.integrations import loggers
 from hsci.jobs import ranks
 from hsci.loop.step import Diverged
 from hsci.loop.train import train
 from hsci.parts.build import count_devices
-from hsci.parts.schema import check_keys
+from hsci.parts.schema import check_keys, check_loggers
 from hsci.parts.world import started_as_rank
 from hsci.record import rundir
 from hsci.record.owner import requeued
@@ -60,6 +61,7 @@ def record(cfg: DictConfig, changes: list[str], hydra_cfg, run_dir: Path) -> flo
     if resumed:
         try:
             cfg, state, summary = reopen(run_dir, changes)
+            check_loggers(cfg)  # a logger's package that has gone since
         except UserError as e:  # refused before anything in the run directory changed
             report.log.error("resume refused: %s", e)
             return finish({"status": "failed", "error": str(e)}, hydra_cfg)
@@ -80,6 +82,9 @@ def record(cfg: DictConfig, changes: list[str], hydra_cfg, run_dir: Path) -> flo
     try:
         if hydra_cfg.mode == RunMode.MULTIRUN and not resumed:  # a single run's keys were checked before its
             check_keys(cfg, hydra_cfg)  # folder was made, a sweep's only where they did not vary from job to job
+        sweep = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
+        summary |= loggers.begin(config, run_dir, summary, sweep)  # the MLflow run, new or taken up again
+        rundir.write_json(run_dir / "summary.json", summary)  # with its id, for the loop
         summary |= run(cfg, config, run_dir, state, resumed)
     except Diverged as e:
         summary |= {"status": "diverged", "error": str(e)}
@@ -96,6 +101,7 @@ def record(cfg: DictConfig, changes: list[str], hydra_cfg, run_dir: Path) -> flo
         summary["duration_s"] = round(summary.get("duration_s", 0) + time.time() - start, 3)
         rundir.write_json(run_dir / "summary.json", summary)
         draw(run_dir)
+        loggers.end(config, run_dir, summary)  # the MLflow run's artifacts (the plots too) and status
     finish(summary, hydra_cfg)
     return summary["best_val"][summary["monitor"]] if summary["status"] == "completed" else None
 

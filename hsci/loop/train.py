@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import hsci
 from hsci import interrupt, report
+from hsci.integrations import loggers
 from hsci.loop.evaluate import Metrics, evaluate, kept, monitor
 from hsci.loop.step import (DIVERGED_HINT, Diverged, Epoch, Readings, peak_memory_gb, reset_peak_memory, train_epoch,
                             warm_up)
@@ -66,6 +67,7 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
     if world.main:  # a resumed run redoes what came after
         rundir.keep_records(run_dir / "metrics.jsonl", "epoch", position.epoch)
         rundir.keep_records(run_dir / STEPS, "step", optim.sched.last_epoch)
+    log = loggers.opened(config, run_dir, optim.sched.last_epoch) if world.main else loggers.Loggers()
     compile_s = warm_up(parts, data.loading.batch_size // world.size) if trainer.compile else 0.0
     speed = parts.speed
     setup = {"device": str(parts.device), "precision": speed.precision, "channels_last": speed.channels_last,
@@ -103,7 +105,8 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
         reset_peak_memory(parts.device)
         lr, start = optim.opt.param_groups[0]["lr"], time.perf_counter()
         with report.epoch_progress(epoch.number, trainer.epochs, epoch.step, steps) as progress:
-            readings = Readings(trainer.log_every, epoch, run_dir / STEPS if world.main else None, progress, world)
+            readings = Readings(trainer.log_every, epoch, run_dir / STEPS if world.main else None, progress, world,
+                                log)
             stop = train_epoch(stepping, optim=optim, batches=batches, epoch=epoch, readings=readings)
         epoch_s = time.perf_counter() - start
         loss_sum = world.mean(epoch.loss_sum).item()  # over every rank's share
@@ -126,6 +129,7 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
                             stale=0 if improved else position.stale + 1)
         if world.main:
             rundir.append_jsonl(run_dir / "metrics.jsonl", record)
+            log.epoch(record, optim.sched.last_epoch)
             if improved:
                 rundir.save_checkpoint(run_dir / "checkpoints" / "best.pt",
                                        checkpoint(parts, optim, position, config, world))
@@ -157,6 +161,7 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
         results["test_ci"] = predictions.intervals(kept_arrays, data.task, metrics.names, cfg.seed)
         if setup["classes"]:
             results["test_per_class"] = predictions.per_class(kept_arrays, setup["classes"])
+        log.tested(results, optim.sched.last_epoch)
     return setup | results
 
 

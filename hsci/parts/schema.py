@@ -1,10 +1,10 @@
-"""Types for the top-level keys and `trainer.*`, so a wrong value fails in Hydra before any work; the values
-that compose but cannot work, refused before a run directory is made (no torch needed to tell); and the keys
-that no builder takes (`check_keys`, which imports the builders)."""
+"""Types for the top-level keys, `trainer.*` and `logger.*`, so a wrong value fails in Hydra before any work; the
+values that compose but cannot work, refused before a run directory is made (no torch needed to tell); and the keys
+that no builder or logger takes (`check_keys`, which imports the builders, and `check_loggers`)."""
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
@@ -42,12 +42,33 @@ class Trainer:
 
 
 @dataclass
+class TensorBoard:
+    flush_secs: int = MISSING
+
+
+@dataclass
+class MLflow:
+    tracking_uri: str = MISSING
+    experiment_name: Optional[str] = MISSING
+    run_name: Optional[str] = MISSING
+    tags: dict[str, str] = MISSING
+
+
+@dataclass
+class Loggers:
+    """conf/logger/*: where a run is watched from besides its own records (hsci/integrations/); one or both."""
+    tensorboard: Optional[TensorBoard] = None
+    mlflow: Optional[MLflow] = None
+
+
+@dataclass
 class Config:
     seed: int = MISSING
     name: str = MISSING
     resume: Optional[str] = None  # a run directory to continue (set by `hsci train resume=...`)
     init_from: Optional[str] = None  # a run directory whose best weights a new run starts from
     trainer: Trainer = MISSING
+    logger: Optional[Loggers] = None  # none, or logger=tensorboard, logger=mlflow, logger=[tensorboard,mlflow]
     # The groups below have one schema per option, so they are typed by their own YAML.
     data: Any = MISSING
     model: Any = MISSING
@@ -87,6 +108,7 @@ CHECKS = [("seed", lambda v: 0 <= v < 2**32, "between 0 and 2**32 - 1 (429496729
           ("trainer.compile", lambda v: v in (False, True, "max-autotune"), "false, true or max-autotune"),
           ("trainer.devices", lambda v: v == "auto" or isinstance(v, int) and v >= 1, "auto or 1 or more"),
           ("trainer.dist_timeout_s", lambda v: v > 0, "above 0"),
+          ("logger.tensorboard.flush_secs", lambda v: v >= 1, "at least 1"),
           ("trainer.monitor", lambda v: v == "auto" or any(v in names for names in MONITORS.values()),
            "auto or a validation value: " + ", ".join(dict.fromkeys(sum(MONITORS.values(), ())))),
           ("model.pretrained", lambda v: isinstance(v, bool), "true or false (a weights file goes in model.weights=<file>)"),
@@ -207,7 +229,7 @@ TUNING = ("weights", "freeze", "unfreeze_at_epoch", "backbone_lr_scale")
 def check_keys(cfg: DictConfig, hydra_cfg: DictConfig, skip: tuple[str, ...] = ()) -> None:
     """Refuse a key of data, model, loss, optimizer or scheduler that its `_target_` does not take, and a
     `_target_` that cannot be imported, naming the file the key came from (`hydra_cfg`, Hydra's node, says which
-    files were used). Keys in `skip` (and under them) are left to a sweep's jobs.
+    files were used); and what `check_loggers` refuses. Keys in `skip` (and under them) are left to a sweep's jobs.
     It imports the targets: call it on a config the user composed, never on a received run's."""
     import inspect
     from difflib import get_close_matches
@@ -216,6 +238,7 @@ def check_keys(cfg: DictConfig, hydra_cfg: DictConfig, skip: tuple[str, ...] = (
 
     if any(s in hydra_cfg.runtime.choices and s not in PASSED for s in skip):
         return  # a swept overlay (experiment=a,b) may choose and set any group, job by job
+    check_loggers(cfg, skip)
     for group, passed in PASSED.items():
         target = OmegaConf.select(cfg, f"{group}._target_", throw_on_missing=False, throw_on_resolution_failure=False)
         if group in skip or f"{group}._target_" in skip or not isinstance(target, str):
@@ -244,6 +267,33 @@ def check_keys(cfg: DictConfig, hydra_cfg: DictConfig, skip: tuple[str, ...] = (
                    else f"did you mean {group}.{close[0]}?" if close else "remove it")
             raise UserError(f"{group}.{key} is not a setting of {target} ({_origin(hydra_cfg, group, key)}): {fix} "
                             f"(its settings: {', '.join(settings)})")
+
+
+# What each logger of conf/logger/ is, and the package that `pip install "hsci[<logger>]"` brings.
+LOGGERS = {"tensorboard": (TensorBoard, "tensorboard"), "mlflow": (MLflow, "mlflow")}
+
+
+def check_loggers(cfg: DictConfig, skip: tuple[str, ...] = ()) -> None:
+    """Refuse a key that a chosen logger does not take (`+logger.tensorboard.foo=1`) and a logger whose package is
+    missing, naming the pip command; a swept `logger` is left to each job. No logger is imported here."""
+    from difflib import get_close_matches
+    from importlib.util import find_spec
+
+    if any(s == "logger" or s.startswith("logger.") for s in skip) or not cfg.get("logger"):
+        return
+    for name, (kind, package) in LOGGERS.items():
+        node = cfg.logger.get(name)
+        if node is None:
+            continue
+        settings = [f.name for f in fields(kind)]
+        for key in node:
+            if key not in settings:
+                close = get_close_matches(key, settings, n=1)
+                raise UserError(f"logger.{name}.{key} is not a setting of the {name} logger: "
+                                f"{f'did you mean logger.{name}.{close[0]}?' if close else 'remove it'} "
+                                f"(its settings: {', '.join(settings)})")
+        if find_spec(package) is None:
+            raise UserError(f'logger={name} needs the {package} package: pip install "hsci[{name}]"')
 
 
 def _origin(hydra_cfg: DictConfig, group: str, key: str) -> str:

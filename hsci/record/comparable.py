@@ -39,8 +39,9 @@ def flatten(config: dict, prefix: str = "") -> dict:
 
 
 def experiment(config: dict) -> dict:
-    """The config's keys that define the experiment, flattened: all but NOT_EXPERIMENT."""
-    return {k: v for k, v in flatten(config).items() if k not in NOT_EXPERIMENT}
+    """The config's keys that define the experiment, flattened: all but NOT_EXPERIMENT and the loggers' (where a
+    run is watched from is not what it is)."""
+    return {k: v for k, v in flatten(config).items() if k not in NOT_EXPERIMENT and k.split(".")[0] != "logger"}
 
 
 def comparable(config: dict, data: Data) -> dict:
