@@ -77,6 +77,9 @@ def test_groups_options_and_keys_on_an_empty_word(tmp_path):
 def same_keys_as_hydra(cfg_of, *overrides: str) -> None:
     hydras = OmegaConf.to_container(cfg_of(*overrides), resolve=False)
     composed = completion.Config(list(overrides)).keys()
+    groups = completion.Config([]).groups()
+    # A group left unchosen that hsci's schema types (logger: null) is a key of Hydra's; Tab offers it as logger=.
+    hydras = {k: v for k, v in hydras.items() if not (v is None and k in groups and k not in composed)}
     del composed["hydra"]  # hsci's own hydra.* settings: cfg_of leaves Hydra's node out
     assert flat(composed) == flat(hydras), overrides
 
@@ -139,8 +142,9 @@ def test_an_answer_imports_neither_torch_nor_hydra(tmp_path):
             "'model.']); print(*sorted(m for m in ('torch', 'hydra', 'omegaconf') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
-    assert out.splitlines() == ["model.dropout=", "model.hidden_dim=", "model.mlp_dim=", "model.num_heads=",
-                                "model.num_layers=", "model.patch_size=", ""]
+    assert out.splitlines() == ["model.backbone_lr_scale=", "model.dropout=", "model.freeze=", "model.hidden_dim=",
+                                "model.mlp_dim=", "model.num_heads=", "model.num_layers=", "model.patch_size=",
+                                "model.unfreeze_at_epoch=", "model.weights=", ""]
 
 
 @pytest.fixture
