@@ -18,6 +18,7 @@ from hsci import UserError, interrupt, report
 from hsci.analysis import plots
 from hsci.integrations import loggers
 from hsci.jobs import ranks
+from hsci.loop.debug import passed
 from hsci.loop.step import Diverged
 from hsci.loop.train import train
 from hsci.parts.build import count_devices
@@ -83,7 +84,8 @@ def record(cfg: DictConfig, changes: list[str], hydra_cfg, run_dir: Path) -> flo
         if hydra_cfg.mode == RunMode.MULTIRUN and not resumed:  # a single run's keys were checked before its
             check_keys(cfg, hydra_cfg)  # folder was made, a sweep's only where they did not vary from job to job
         sweep = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
-        summary |= loggers.begin(config, run_dir, summary, sweep)  # the MLflow run, new or taken up again
+        if not cfg.trainer.get("fast_dev_run"):  # a quick check makes no MLflow run
+            summary |= loggers.begin(config, run_dir, summary, sweep)  # the MLflow run, new or taken up again
         rundir.write_json(run_dir / "summary.json", summary)  # with its id, for the loop
         summary |= run(cfg, config, run_dir, state, resumed)
     except Diverged as e:
@@ -100,8 +102,11 @@ def record(cfg: DictConfig, changes: list[str], hydra_cfg, run_dir: Path) -> flo
     finally:
         summary["duration_s"] = round(summary.get("duration_s", 0) + time.time() - start, 3)
         rundir.write_json(run_dir / "summary.json", summary)
-        draw(run_dir)
+        if not cfg.trainer.get("fast_dev_run"):  # a quick check draws nothing
+            draw(run_dir)
         loggers.end(config, run_dir, summary)  # the MLflow run's artifacts (the plots too) and status
+    if summary["status"] == "completed" and cfg.trainer.get("fast_dev_run"):
+        return passed(run_dir, summary)
     finish(summary, hydra_cfg)
     return summary["best_val"][summary["monitor"]] if summary["status"] == "completed" else None
 

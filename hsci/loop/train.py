@@ -23,15 +23,18 @@ from omegaconf import DictConfig, OmegaConf
 import hsci
 from hsci import interrupt, report
 from hsci.integrations import loggers
+from hsci.loop.debug import Watch, dev_run
 from hsci.loop.evaluate import Metrics, evaluate, kept, monitor
+from hsci.loop.layers import show_layers
 from hsci.loop.step import (DIVERGED_HINT, Diverged, Epoch, Readings, peak_memory_gb, reset_peak_memory, train_epoch,
                             warm_up)
 from hsci.parts.build import build, optimizing
 from hsci.parts.finetune import freeze_backbone, frozen_at, head
-from hsci.parts.loaders import Timed, start_epoch
+from hsci.parts.loaders import Timed, dropped, start_epoch
 from hsci.parts.world import SINGLE, World
 from hsci.record import predictions, rundir, weights
 from hsci.record.comparable import class_names, comparable
+from hsci.record.kept import Kept
 from hsci.record.resume import Position, checkpoint, restore
 
 STEPS = "steps.jsonl"  # a line per reading (see Readings)
@@ -47,6 +50,7 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
     `world` runs this on its share of the data; rank 0 alone writes the run directory (`world.main`).
     """
     report.config(config, OmegaConf.to_yaml(config))
+    cfg = dev_run(cfg)  # trainer.fast_dev_run: a few batches of each stage
     parts = build(cfg, world=world, restoring=state is not None)  # a resumed run's weights are in its checkpoint
     started_from = None if state else weights.start_from(parts.model, cfg)  # model.weights or init_from, if set
     trainer, data = cfg.trainer, parts.data
@@ -54,6 +58,8 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
     optim = optimizing(cfg, parts, epochs=trainer.epochs, steps_per_epoch=steps)
     metrics = Metrics(data.task, data.num_outputs, parts.device)
     key, mode = monitor(trainer.monitor, data.task, metrics)
+    saved = Kept(run_dir / "checkpoints", run_dir / "metrics.jsonl", key, mode, trainer.save_top_k,
+                 trainer.save_every_n_epochs)
     last = run_dir / "checkpoints" / "last.pt"
     position = restore(state, parts.model, optim, last) if state else Position()
     if state:
@@ -67,6 +73,7 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
     if world.main:  # a resumed run redoes what came after
         rundir.keep_records(run_dir / "metrics.jsonl", "epoch", position.epoch)
         rundir.keep_records(run_dir / STEPS, "step", optim.sched.last_epoch)
+        saved.tidy(position.epoch)
     log = loggers.opened(config, run_dir, optim.sched.last_epoch) if world.main else loggers.Loggers()
     compile_s = warm_up(parts, data.loading.batch_size // world.size) if trainer.compile else 0.0
     speed = parts.speed
@@ -86,11 +93,17 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
                  f"startup_s {setup['startup_s']}", "  ".join(f"{k} {setup[k]}" for k in how),
                  "  ".join(f"{k} {v}" for k, v in setup.items() if k not in (*how, "startup_s")), f"run dir {run_dir}"):
         report.say(line)  # short lines, each `key value` as summary.json has it
+    show_layers(parts.model, trainer.summary_depth)
+    left, n = dropped(parts.loaders.train)
+    if left and steps == len(parts.loaders.train):  # not when trainer.limit_batches ends the epoch before
+        report.say(f"note: each epoch leaves out {left} of the {n} training samples, its incomplete last batch "
+                   "(drawn anew each epoch); data.drop_last=false keeps it")
     setup |= {"weights_from": started_from} if started_from else {}
     setup |= {"classes": class_names(data), "comparable": comparable(config, data) if world.main else None}
     if data.task != "regression" and 0 < len(data.test) <= 100:
         report.say(f"note: the test split holds {len(data.test)} examples: one of them moves accuracy by "
                    f"{100 / len(data.test):.2g} points")
+    watch = Watch(trainer, run_dir if world.main else None, parts.device)  # detect_anomaly, profile
 
     while position.epoch < trainer.epochs:
         if trainer.early_stop_patience and position.stale >= trainer.early_stop_patience:
@@ -104,10 +117,11 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
         batches = Timed(parts.loaders.train)
         reset_peak_memory(parts.device)
         lr, start = optim.opt.param_groups[0]["lr"], time.perf_counter()
-        with report.epoch_progress(epoch.number, trainer.epochs, epoch.step, steps) as progress:
+        with (report.epoch_progress(epoch.number, trainer.epochs, epoch.step, steps) as progress,
+              watch.epoch(epoch, batches) as watched):
             readings = Readings(trainer.log_every, epoch, run_dir / STEPS if world.main else None, progress, world,
                                 log)
-            stop = train_epoch(stepping, optim=optim, batches=batches, epoch=epoch, readings=readings)
+            stop = train_epoch(stepping, optim=optim, batches=watched, epoch=epoch, readings=readings)
         epoch_s = time.perf_counter() - start
         loss_sum = world.mean(epoch.loss_sum).item()  # over every rank's share
         world.same_buffers(parts.model)
@@ -130,10 +144,7 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
         if world.main:
             rundir.append_jsonl(run_dir / "metrics.jsonl", record)
             log.epoch(record, optim.sched.last_epoch)
-            if improved:
-                rundir.save_checkpoint(run_dir / "checkpoints" / "best.pt",
-                                       checkpoint(parts, optim, position, config, world))
-            rundir.save_checkpoint(last, checkpoint(parts, optim, position, config, world))
+            saved.save(checkpoint(parts, optim, position, config, world), epoch.number, improved)
         if judge is not None and judge(epoch.number, record[key]):
             report.say(f"pruned after epoch {epoch.number}: {key} {record[key]:.4f} is not promising (the tune's "
                        "pruner)")

@@ -39,6 +39,13 @@ class Trainer:
     devices: Any = 1  # processes on this machine, one per GPU (or CPU processes): N or auto
     sync_batchnorm: bool = False
     dist_timeout_s: float = 300
+    # Runs saved before these existed kept best.pt and last.pt, showed no layer table and ran no debugging aid.
+    save_top_k: int = 1  # the K best epochs' checkpoints (hsci/record/kept.py); 1: best.pt alone
+    save_every_n_epochs: Optional[int] = None  # checkpoints/epoch_NNN.pt every N epochs
+    summary_depth: Optional[int] = 1  # the model's layer table to this depth (hsci/loop/layers.py); 0 or null: none
+    profile: bool = False  # torch.profiler over a few steps of the first epoch (hsci/loop/profile.py)
+    detect_anomaly: bool = False  # torch's anomaly mode around the step: names the backward op that gave NaN
+    fast_dev_run: Any = False  # true or N: N batches of train, validation and test, then the run folder goes
 
 
 @dataclass
@@ -100,6 +107,7 @@ CHECKS = [("seed", lambda v: 0 <= v < 2**32, "between 0 and 2**32 - 1 (429496729
           ("data.val_fraction", lambda v: 0 < v < 1, "between 0 and 1"),
           ("data.test_fraction", lambda v: 0 < v < 1, "between 0 and 1"),
           ("data.loader", lambda v: v in ("auto", "torch", "gpu"), "auto, torch or gpu"),
+          ("data.drop_last", lambda v: v in ("auto", True, False), "auto, true or false"),
           ("trainer.log_every", lambda v: v >= 1, "at least 1"),
           ("trainer.limit_batches", lambda v: v is None or v >= 1, "at least 1, or null"),
           ("trainer.early_stop_patience", lambda v: v is None or v >= 1, "at least 1, or null"),
@@ -108,6 +116,12 @@ CHECKS = [("seed", lambda v: 0 <= v < 2**32, "between 0 and 2**32 - 1 (429496729
           ("trainer.compile", lambda v: v in (False, True, "max-autotune"), "false, true or max-autotune"),
           ("trainer.devices", lambda v: v == "auto" or isinstance(v, int) and v >= 1, "auto or 1 or more"),
           ("trainer.dist_timeout_s", lambda v: v > 0, "above 0"),
+          ("trainer.save_top_k", lambda v: v >= 1, "at least 1 (1: best.pt alone)"),
+          ("trainer.save_every_n_epochs", lambda v: v is None or v >= 1, "at least 1, or null"),
+          ("trainer.summary_depth", lambda v: v is None or v >= -1, "a depth of 1 or more, -1 (every layer), 0 or "
+                                                                    "null (no table)"),
+          ("trainer.fast_dev_run", lambda v: v in (False, True) or isinstance(v, int) and v >= 1,
+           "true (one batch), a number of batches, or false"),
           ("logger.tensorboard.flush_secs", lambda v: v >= 1, "at least 1"),
           ("trainer.monitor", lambda v: v == "auto" or any(v in names for names in MONITORS.values()),
            "auto or a validation value: " + ", ".join(dict.fromkeys(sum(MONITORS.values(), ())))),
