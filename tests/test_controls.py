@@ -1,0 +1,142 @@
+"""The trainer's controls that Lightning users reach for, through the real CLI: the checkpoints kept (the K best,
+one every N epochs, across a resume), the model's layer table, a profile of a few steps read back with torch's own
+reader, anomaly mode naming the backward op that gave NaN, and a quick check that leaves no run behind."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import hsci, once, run_dirs, summary_of
+
+# One run for what several tests read: 4 epochs of 5 steps (no schedule: the learning rate does not depend on the run's
+# length), the 2 best epochs kept, one checkpoint every 2 epochs, a profile, every layer in the table.
+CONTROLS = ["experiment=smoke", "trainer.epochs=4", "trainer.limit_batches=5", "scheduler=none",
+            "trainer.save_top_k=2", "trainer.save_every_n_epochs=2", "trainer.profile=true", "trainer.summary_depth=-1"]
+
+
+@pytest.fixture(scope="session")
+def controls(tmp_path_factory) -> tuple[Path, str]:
+    def make(cwd: Path) -> dict:
+        result = hsci("train", *CONTROLS, cwd=cwd)
+        assert result.returncode == 0, result.stderr
+        [run] = run_dirs(cwd)
+        return {"run": str(run), "stdout": result.stdout}
+
+    made = once(tmp_path_factory, "controls", make)
+    return Path(made["run"]), made["stdout"]
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def two_best(run: Path) -> list[dict]:
+    """The 2 best epochs by val_acc, ties to the lower validation loss, then to the earlier epoch."""
+    return sorted(records(run), key=lambda r: (-r["val_acc"], r["val_loss"], r["epoch"]))[:2]
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def test_the_k_best_epochs_are_kept_and_one_every_n_epochs(controls):
+    run = controls[0]
+    folder = run / "checkpoints"
+    names = sorted(p.name for p in (folder / "top").iterdir())
+    assert names == sorted(f"epoch_{r['epoch']:03d}_val_acc_{r['val_acc']:.4f}.pt" for r in two_best(run))
+    for name in names:
+        assert weights(folder / "top" / name)["epoch"] == int(name.split("_")[1])
+    best = weights(folder / "best.pt")
+    assert best["epoch"] == two_best(run)[0]["epoch"] == summary_of(run)["best_epoch"]
+    [top] = [weights(folder / "top" / n) for n in names if int(n.split("_")[1]) == best["epoch"]]
+    assert all(torch.equal(top["model"][k], best["model"][k]) for k in best["model"])
+    assert sorted(p.name for p in folder.glob("*.pt")) == ["best.pt", "epoch_002.pt", "epoch_004.pt", "last.pt"]
+    assert [weights(folder / f"epoch_00{n}.pt")["epoch"] for n in (2, 4)] == [2, 4]
+
+
+def test_a_resume_keeps_the_same_k_best_as_a_run_never_stopped(controls, tmp_path):
+    # The run put back at the end of epoch 2 (its epoch_002.pt as last.pt), holding the files a kill while epoch 4's
+    # were written would leave: top/ files of epochs 3 and 4 and its records. The resume finds the files it had.
+    run = tmp_path / "run"
+    shutil.copytree(controls[0], run)
+    shutil.copy(run / "checkpoints" / "epoch_002.pt", run / "checkpoints" / "last.pt")
+    (run / "checkpoints" / "top" / "epoch_001_val_acc_0.0000.pt").write_bytes(b"")  # displaced, not yet removed
+    result = hsci("train", f"resume={run}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "resuming at epoch 3, step 0" in result.stdout
+    assert sorted(p.name for p in (run / "checkpoints" / "top").iterdir()) == sorted(
+        p.name for p in (controls[0] / "checkpoints" / "top").iterdir())
+    for name in ("last.pt", "best.pt", "epoch_004.pt"):
+        mine, theirs = weights(run / "checkpoints" / name)["model"], weights(controls[0] / "checkpoints" / name)["model"]
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_the_layer_table_is_on_the_console_and_in_the_log(controls, smoke):
+    run, stdout = controls
+    header = "model Sequential: 53.0 K parameters (53.0 K trainable, 0 frozen), 0.21 MB\n"
+    assert header in stdout and f"INFO {header}" in (run / "train.log").read_text()
+    assert re.search(r"^ 0  0  +Conv2d  +320  yes$", stdout, re.M) and re.search(r"^10  10 +Linear +1\.3 K  yes$",
+                                                                                   stdout, re.M)
+    assert "model Sequential" in smoke[1].stdout  # depth 1 by default
+
+
+def test_a_profile_of_three_steps_opens_with_torchs_reader_and_names_the_top_ops(controls):
+    run, stdout = controls
+    [trace] = (run / "profile").glob("*.pt.trace.json")
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert len([e for e in events if e.get("name", "").startswith("ProfilerStep#")]) == 3
+    assert any(e.get("cat") == "cpu_op" and e["name"] == "aten::convolution" for e in events)
+    try:
+        from torch.profiler._trace_validator import validate_trace  # torch's own reader of its traces (2.10 on)
+    except ImportError:
+        validate_trace = None
+    if validate_trace:
+        assert validate_trace(str(trace)) == (True, [])
+    assert "aten::" in (run / "profile" / "ops.txt").read_text()
+    table = stdout[stdout.index("profile: epoch 1, steps 3-5, operators by their own CPU time"):]
+    assert re.search(r"^aten::\w+ +\d+\.\d\d +\d+\.\d +\d+$", table, re.M)  # an operator, its ms, %, calls
+    assert f"profile trace: {trace}" in stdout
+    assert "profile: epoch 1, steps 3-5" in (run / "train.log").read_text()
+
+
+def test_no_profile_no_extra_checkpoints_by_default(finished):
+    assert not (finished / "profile").exists() and not (finished / "checkpoints" / "top").exists()
+    assert sorted(p.name for p in (finished / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_anomaly_mode_names_the_backward_op_that_gave_nan(tmp_path):
+    # A rate of 1e30 takes the weights past float32's range after one step: the next forward pass makes NaN.
+    result = hsci("train", "experiment=smoke", "optimizer=sgd", "optimizer.lr=1e30", "trainer.detect_anomaly=true",
+                  cwd=tmp_path)
+    assert result.returncode == 1
+    [run] = run_dirs(tmp_path)
+    summary = summary_of(run)
+    assert summary["status"] == "diverged"
+    assert re.match(r"the backward pass gave NaN at epoch 1, step 2: Function '\w+Backward\d' returned nan values in "
+                    r"its 0th output; its forward call: .+ \(\w+\.py:\d+, in \w+\) \(trainer\.detect_anomaly",
+                    summary["error"])
+    assert summary["error"] in result.stderr
+    assert "Traceback of forward call that caused the error" in (run / "train.log").read_text()
+
+
+def test_a_fast_dev_run_checks_every_stage_on_one_batch_and_leaves_no_run(tmp_path):
+    result = hsci("train", "experiment=smoke", "debug=fdr", "trainer.summary_depth=0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "model Sequential" not in result.stdout  # no layer table at depth 0
+    assert "epoch 1/1 step 1/1" in result.stdout and "fast_dev_run passed" in result.stdout
+    assert run_dirs(tmp_path) == []
+    assert "0 of 0 runs" in hsci("runs", cwd=tmp_path).stdout
+
+
+@pytest.mark.slow
+def test_a_fast_dev_run_that_fails_keeps_its_run_directory(tmp_path):
+    result = hsci("train", "experiment=smoke", "trainer.fast_dev_run=2", "optimizer=sgd", "optimizer.lr=1e30",
+                  cwd=tmp_path)
+    assert result.returncode == 1 and "run diverged" in result.stderr
+    [run] = run_dirs(tmp_path)
+    assert summary_of(run)["status"] == "diverged" and "step 2" in summary_of(run)["error"]
+    assert "epoch 1/1 step 1/2" in (run / "train.log").read_text()  # its epoch of 2 steps
