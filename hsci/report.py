@@ -241,7 +241,8 @@ def table(title: str, header: list[str], rows: list[list[str]], right: tuple[int
         for line in lines:
             console.print(line, markup=False, soft_wrap=True, highlight=False)
         return
-    shown = Table(title=title, title_justify="left")
+    console.print(title, style="bold", markup=False, soft_wrap=True)  # whole, however narrow the table
+    shown = Table()
     for i, name in enumerate(header):
         shown.add_column(name, justify="right" if i in right else "left")
     for row in rows:

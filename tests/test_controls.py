@@ -2,6 +2,7 @@
 one every N epochs, across a resume), the model's layer table, a profile of a few steps read back with torch's own
 reader, anomaly mode naming the backward op that gave NaN, and a quick check that leaves no run behind."""
 
+import io
 import json
 import re
 import shutil
@@ -9,8 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
+from torch import nn
 
 from conftest import hsci, once, run_dirs, summary_of
+from hsci import report
+from hsci.loop.layers import layers, show_layers
 
 # One run for what several tests read: 4 epochs of 5 steps (no schedule: the learning rate does not depend on the run's
 # length), the 2 best epochs kept, one checkpoint every 2 epochs, a profile, every layer in the table.
@@ -59,12 +64,15 @@ def test_the_k_best_epochs_are_kept_and_one_every_n_epochs(controls):
 
 
 def test_a_resume_keeps_the_same_k_best_as_a_run_never_stopped(controls, tmp_path):
-    # The run put back at the end of epoch 2 (its epoch_002.pt as last.pt), holding the files a kill while epoch 4's
-    # were written would leave: top/ files of epochs 3 and 4 and its records. The resume finds the files it had.
+    # The run put back at the end of epoch 2 (its epoch_002.pt as last.pt), with the top/ files it had then and those
+    # of later epochs, as a kill after an epoch's top/ file was written and before last.pt would leave them.
     run = tmp_path / "run"
     shutil.copytree(controls[0], run)
-    shutil.copy(run / "checkpoints" / "epoch_002.pt", run / "checkpoints" / "last.pt")
-    (run / "checkpoints" / "top" / "epoch_001_val_acc_0.0000.pt").write_bytes(b"")  # displaced, not yet removed
+    folder = run / "checkpoints"
+    shutil.copy(folder / "epoch_002.pt", folder / "last.pt")
+    for record in records(run)[:2]:  # top/ at the end of epoch 2: both epochs (their files' contents do not matter)
+        name = f"epoch_{record['epoch']:03d}_val_acc_{record['val_acc']:.4f}.pt"
+        shutil.copy(folder / "epoch_002.pt", folder / "top" / name)
     result = hsci("train", f"resume={run}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "resuming at epoch 3, step 0" in result.stdout
@@ -82,6 +90,26 @@ def test_the_layer_table_is_on_the_console_and_in_the_log(controls, smoke):
     assert re.search(r"^ 0  0  +Conv2d  +320  yes$", stdout, re.M) and re.search(r"^10  10 +Linear +1\.3 K  yes$",
                                                                                    stdout, re.M)
     assert "model Sequential" in smoke[1].stdout  # depth 1 by default
+
+
+def test_the_layer_table_goes_as_deep_as_asked_and_says_what_trains():
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), nn.Flatten(), nn.Linear(8, 2))
+    model[0][0].requires_grad_(False)  # a frozen layer in a block that still trains its batch norm
+    assert [(name, count, trains) for name, _, count, trains in layers(model, 1)] == [
+        ("0", 240, "part"), ("1", 0, "-"), ("2", 18, "yes")]
+    assert [name for name, *_ in layers(model, 2)] == [name for name, *_ in layers(model, -1)] == [
+        "0", "0.0", "0.1", "1", "2"]
+    shown = Console(file=io.StringIO(), force_terminal=True, width=100)
+    saved, report.console = report.console, shown
+    try:
+        show_layers(model, 2)
+        show_layers(model, 0)
+    finally:
+        report.console = saved
+    text = re.sub(r"\x1b\[[0-9;]*m", "", shown.file.getvalue())
+    assert "model Sequential: 258 parameters (34 trainable, 224 frozen), 0.00 MB" in text
+    assert re.search(r"│ 1 │ 0\.0  +│ Conv2d +│ +224 │ no +│", text)  # a rich table, as a terminal shows it
+    assert text.count("model Sequential") == 1  # depth 0: no table
 
 
 def test_a_profile_of_three_steps_opens_with_torchs_reader_and_names_the_top_ops(controls):
