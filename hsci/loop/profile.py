@@ -11,6 +11,7 @@ without it never imports the profiler.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -52,6 +53,8 @@ class Profile:
         wait, warmup, active = window(epoch.stop - epoch.step)
         self.first, self.epoch = epoch.step + wait + warmup + 1, epoch
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        if self.device.type != "cuda":  # kineto's ERROR that it found no GPU, on a machine without one: noise
+            os.environ.setdefault("KINETO_LOG_LEVEL", "5")
         with warnings.catch_warnings():  # torch's note that a window without warm-up can skew it: a short epoch's
             warnings.simplefilter("ignore")
             steps = schedule(wait=wait, warmup=warmup, active=active, repeat=1)
