@@ -17,10 +17,12 @@ from conftest import hsci, once, run_dirs, summary_of
 from hsci import report
 from hsci.loop.layers import layers, show_layers
 
-# One run for what several tests read: 4 epochs of 5 steps (no schedule: the learning rate does not depend on the run's
-# length), the 2 best epochs kept, one checkpoint every 2 epochs, a profile, every layer in the table.
-CONTROLS = ["experiment=smoke", "trainer.epochs=4", "trainer.limit_batches=5", "scheduler=none",
-            "trainer.save_top_k=2", "trainer.save_every_n_epochs=2", "trainer.profile=true", "trainer.summary_depth=-1"]
+# One run for what several tests read: 4 epochs of 5 steps (digits' 1,221 training images in batches of 240, the 21
+# left over dropped; no schedule: the learning rate does not depend on the run's length), the 2 best epochs kept,
+# one checkpoint every 2 epochs, a profile, every layer in the table.
+CONTROLS = ["experiment=smoke", "trainer.epochs=4", "trainer.limit_batches=null", "data.batch_size=240",
+            "scheduler=none", "trainer.save_top_k=2", "trainer.save_every_n_epochs=2", "trainer.profile=true",
+            "trainer.summary_depth=-1"]
 
 
 @pytest.fixture(scope="session")
@@ -119,7 +121,7 @@ def test_a_profile_of_three_steps_opens_with_torchs_reader_and_names_the_top_ops
     assert len([e for e in events if e.get("name", "").startswith("ProfilerStep#")]) == 3
     assert any(e.get("cat") == "cpu_op" and e["name"] == "aten::convolution" for e in events)
     try:
-        from torch.profiler._trace_validator import validate_trace  # torch's own reader of its traces (2.10 on)
+        from torch.profiler._trace_validator import validate_trace  # torch's own reader of its traces, where it has one
     except ImportError:
         validate_trace = None
     if validate_trace:
@@ -129,6 +131,14 @@ def test_a_profile_of_three_steps_opens_with_torchs_reader_and_names_the_top_ops
     assert re.search(r"^aten::\w+ +\d+\.\d\d +\d+\.\d +\d+$", table, re.M)  # an operator, its ms, %, calls
     assert f"profile trace: {trace}" in stdout
     assert "profile: epoch 1, steps 3-5" in (run / "train.log").read_text()
+
+
+def test_the_first_lines_say_how_many_samples_each_epoch_leaves_out(controls, smoke):
+    run, stdout = controls
+    note = "note: each epoch leaves out 21 of the 1221 training samples, its incomplete last batch"
+    assert note in stdout and note in (run / "train.log").read_text()
+    assert [json.loads(line)["step"] for line in (run / "steps.jsonl").read_text().splitlines()][-1] == 20
+    assert "leaves out" not in smoke[1].stdout  # experiment=smoke: 3 batches an epoch, the last never reached
 
 
 def test_no_profile_no_extra_checkpoints_by_default(finished):

@@ -171,26 +171,13 @@ def test_both_loaders_drop_the_same_last_batch_and_each_process_takes_its_share(
 WHOLE_EPOCH = ["experiment=smoke", "trainer.limit_batches=null", "trainer.epochs=1", "data.batch_size=300"]
 
 
-def test_a_run_says_how_many_samples_each_epoch_leaves_out(tmp_path):
-    result = hsci("train", *WHOLE_EPOCH, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "note: each epoch leaves out 21 of the 1221 training samples" in result.stdout
-    [run] = run_dirs(tmp_path)
-    assert json.loads((run / "steps.jsonl").read_text().splitlines()[-1])["step"] == 4
-    assert "note: each epoch leaves out 21" in (run / "train.log").read_text()
-
-
 @pytest.mark.slow
-def test_drop_last_false_trains_on_the_last_batch_too(tmp_path):
+def test_drop_last_false_trains_on_the_last_batch_too(tmp_path):  # auto drops it: tests/test_controls.py
     result = hsci("train", *WHOLE_EPOCH, "data.drop_last=false", "data.loader=gpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "leaves out" not in result.stdout
     [run] = run_dirs(tmp_path)
     assert json.loads((run / "steps.jsonl").read_text().splitlines()[-1])["step"] == 5
-
-
-def test_a_run_that_stops_its_epochs_early_says_nothing_of_a_last_batch(smoke):
-    assert "leaves out" not in smoke[1].stdout  # experiment=smoke: 3 batches an epoch
 
 
 @pytest.mark.slow
