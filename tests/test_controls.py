@@ -81,7 +81,7 @@ def test_a_resume_keeps_the_same_k_best_as_a_run_never_stopped(controls, tmp_pat
     assert sorted(p.name for p in (run / "checkpoints" / "top").iterdir()) == sorted(
         p.name for p in (controls[0] / "checkpoints" / "top").iterdir())
     for name in ("last.pt", "best.pt", "epoch_004.pt"):
-        mine, theirs = weights(run / "checkpoints" / name)["model"], weights(controls[0] / "checkpoints" / name)["model"]
+        mine, theirs = (weights(r / "checkpoints" / name)["model"] for r in (run, controls[0]))
         assert all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 

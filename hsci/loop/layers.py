@@ -24,8 +24,8 @@ def show_layers(model: nn.Module, depth: int | None) -> None:
 
 
 def layers(model: nn.Module, depth: int) -> list[tuple[str, nn.Module, int, str]]:
-    """(name, module, parameters, trains: yes, no, part or - without parameters) of each layer down to `depth` (-1: all), in the model's
-    order, a layer before the layers inside it."""
+    """(name, module, parameters, trains: yes, no, part, or - without parameters) of each layer down to `depth`
+    (-1: all), in the model's order, a layer before the layers inside it."""
     found = []
     for name, module in model.named_modules():
         if not name or depth != -1 and name.count(".") + 1 > depth:
