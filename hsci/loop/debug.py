@@ -102,4 +102,5 @@ def passed(run_dir: Path, summary: dict) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
     test = summary.get("test") or {}
     report.say("fast_dev_run passed: training, validation, checkpoints and test all ran"
-               + (f" (test loss {test['loss']:.4f})" if "loss" in test else "") + f"; {run_dir} removed")
+               + (f" (test loss {test['loss']:.4f})" if "loss" in test else "")
+               + (f"; {run_dir} could not be removed" if run_dir.exists() else f"; {run_dir} removed"))
