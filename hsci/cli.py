@@ -207,14 +207,14 @@ def train(args: list[str]) -> int:
         if held.holding and e.code and not HydraConfig.initialized():
             report = held.text()
             held.holding = False
-            return fail(one_line(report) + HINT, 2)
+            return fail(_hydra_refusal(report, args), 2)
         raise
     except Exception as e:  # Hydra raised its error instead of reporting it (under a debugger, or coverage)
         if not held.holding:
             raise
         held.holding = False
         report = f"{e}\n{e.__cause__ or ''}"  # what its report would show: the error, and what caused it
-        return fail(one_line(report) + HINT, 2)
+        return fail(_hydra_refusal(report, args), 2)
     finally:
         sys.stderr = held.real
         held.release()
@@ -245,6 +245,14 @@ def _init_from(arg: str) -> str:
 
 
 HINT = " (hsci --help lists the options; hsci train --cfg job the keys)"  # after a config Hydra refused
+
+
+def _hydra_refusal(report: str, args: list[str]) -> str:
+    """Hydra's refusal of the command line as one line; for a key the config lacks, hsci's own, with the nearest
+    key it has."""
+    from hsci.parts.keys import misnamed
+
+    return misnamed(report, args) or one_line(report) + HINT
 
 
 def _refused_as_rank(args: list[str]) -> str | None:

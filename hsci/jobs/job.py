@@ -21,7 +21,7 @@ from hsci.jobs import ranks
 from hsci.loop.step import Diverged
 from hsci.loop.train import train
 from hsci.parts.build import count_devices
-from hsci.parts.schema import check_keys, check_loggers
+from hsci.parts.keys import check_keys, check_loggers
 from hsci.parts.world import started_as_rank
 from hsci.record import rundir
 from hsci.record.owner import requeued

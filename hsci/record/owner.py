@@ -266,7 +266,8 @@ def job_dir(subdir: str) -> str:
 def _check(config: DictConfig, swept: tuple[str, ...] = ()) -> None:
     """Values that compose but cannot train, and keys no builder takes, are refused before the run directory
     exists; the cheap checks first."""
-    from hsci.parts.schema import check_keys, check_values
+    from hsci.parts.keys import check_keys
+    from hsci.parts.schema import check_values
 
     task = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])  # hydra's keys resolve late
     try:
