@@ -67,7 +67,7 @@ def record(cfg: DictConfig, changes: list[str], hydra_cfg, run_dir: Path) -> flo
             return finish({"status": "failed", "error": str(e)}, hydra_cfg)
     else:
         state = None
-        summary = {"name": cfg.name, "run_dir": str(run_dir), "seed": cfg.seed,
+        summary = {"name": cfg.name, "run_dir": str(run_dir), "seed": cfg.seed, "tags": list(cfg.tags),
                    "overrides": list(hydra_cfg.overrides.task), "started": rundir.now(),
                    "versions": rundir.versions(), "git_commit": rundir.git_commit(Path(hydra_cfg.runtime.cwd))}
     if interrupt.requested():  # stopped before training began (or a sweep that was stopped: no further jobs)

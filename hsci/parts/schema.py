@@ -4,7 +4,7 @@ before a run directory is made (no torch needed to tell)."""
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
@@ -67,6 +67,7 @@ class Config:
     name: str = MISSING
     resume: Optional[str] = None  # a run directory to continue (set by `hsci train resume=...`)
     init_from: Optional[str] = None  # a run directory whose best weights a new run starts from
+    tags: list[str] = field(default_factory=list)  # labels for `hsci runs tag=...`; runs saved before them: none
     trainer: Trainer = MISSING
     logger: Optional[Loggers] = None  # none, or logger=tensorboard, logger=mlflow, logger=[tensorboard,mlflow]
     # The groups below have one schema per option, so they are typed by their own YAML.
