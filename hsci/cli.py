@@ -161,8 +161,11 @@ def one_line_errors(verb, args: list[str]) -> int:
 
 
 def train(args: list[str]) -> int:
-    """`hsci train`: a Hydra app; `resume=` reopens a run directory instead of making a new one. Started as a rank
-    of a larger job (torchrun), rank 0 runs the app and the other ranks follow it (hsci/jobs/ranks.py)."""
+    """`hsci train`: a Hydra app; `resume=` reopens a run directory instead of making a new one, `from=` makes a new
+    one from a run's saved config. Started as a rank of a larger job (torchrun), rank 0 runs the app and the other
+    ranks follow it (hsci/jobs/ranks.py)."""
+    from hsci.record import rerun
+
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         refused = _refused_as_rank(args)
         if refused:
@@ -171,6 +174,7 @@ def train(args: list[str]) -> int:
             return one_line_errors(_follow, args)
     try:
         args = [_init_from(a) for a in args]
+        args, source = rerun.arguments(args)  # from=<run>: its saved config, as Hydra's primary config
     except UserError as e:
         return fail(str(e))
     resume = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
@@ -188,7 +192,7 @@ def train(args: list[str]) -> int:
         args = [a for a in args if a not in changes and not a.startswith("resume=")]
         args += [f"resume={quote(str(run))}", f"hydra.run.dir={quote(str(run))}", "hydra.output_subdir=null"]
     held = _HeldStderr(sys.stderr)
-    task = _Task(changes, held)
+    task = _Task(changes, held, source and str(source))
     sys.argv = ["hsci train", *args]  # Hydra reads its arguments from sys.argv
     sys.stderr = held
     try:
@@ -279,8 +283,8 @@ class _Task:
     """Hydra's task function: one training job. Launchers that run jobs in other processes (joblib, submitit)
     pickle it; it goes without the held stderr, which stays with the process that holds it."""
 
-    def __init__(self, changes: list[str], held: "_HeldStderr | None"):
-        self.changes, self.held = changes, held
+    def __init__(self, changes: list[str], held: "_HeldStderr | None", source: str | None = None):
+        self.changes, self.held, self.source = changes, held, source  # source: the run given as from=
 
     def __call__(self, cfg) -> float | None:
         if self.held:
@@ -289,10 +293,10 @@ class _Task:
         best_effort()
         from hsci.jobs import job  # imports torch: kept out of `hsci --help`
 
-        return job.main(cfg, self.changes)  # the monitored value, for sweepers that optimise
+        return job.main(cfg, self.changes, self.source)  # the monitored value, for sweepers that optimise
 
     def __getstate__(self) -> dict:
-        return {"changes": self.changes, "held": None}
+        return {"changes": self.changes, "held": None, "source": self.source}
 
 
 class _HeldStderr(io.TextIOBase):
@@ -340,3 +344,4 @@ def _hydra_app(task):
     OmegaConf.register_new_resolver("hsci_new_dir", _new_dir, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("hsci_job_dir", job_dir, replace=True)  # a sweep job's folder: record/owner.py
     return hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(task)
+
