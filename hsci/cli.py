@@ -343,5 +343,21 @@ def _hydra_app(task):
     schema.register()
     OmegaConf.register_new_resolver("hsci_new_dir", _new_dir, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("hsci_job_dir", job_dir, replace=True)  # a sweep job's folder: record/owner.py
+    OmegaConf.register_new_resolver("hsci_groups", _groups, replace=True)  # hsci train --help
     return hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(task)
 
+
+def _groups() -> str:
+    """The config groups one chooses an option of, as Hydra's help lists them (`group: option, ...`), from every
+    config folder on the search path (hsci's and --config-dir's); the bases that options extend (data/base) are
+    not among them."""
+    from hydra.core.hydra_config import HydraConfig
+
+    options: dict[str, set[str]] = {}
+    for source in HydraConfig.get().runtime.config_sources:
+        root = Path(source.path)
+        for file in sorted(root.rglob("*.yaml")) if source.schema == "file" else ():
+            group = file.parent.relative_to(root).parts
+            if group and group[0] != "hydra" and "base" not in group:
+                options.setdefault("/".join(group), set()).add(file.stem)
+    return "\n".join(f"{group}: {', '.join(sorted(names))}" for group, names in sorted(options.items()))
