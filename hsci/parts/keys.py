@@ -272,10 +272,11 @@ def _nearest(cfg: DictConfig, key: str, bad: str) -> str:
             sig = None
         if sig and leaf in sig.parameters and leaf not in PASSED[parent]:
             return f"{target} takes {leaf}, which this option leaves at its default: add it with +{bad.lstrip('+~')}"
-    if isinstance(node, DictConfig):
-        close = get_close_matches(leaf, [str(k) for k in node], n=1)
-        if close:
-            return f"did you mean {parent + '.' if parent else ''}{close[0]}?"
+    if isinstance(node, DictConfig):  # the key's own node: one of its keys, or those keys
+        siblings = [str(k) for k in node]
+        close = get_close_matches(leaf, siblings, n=1)
+        return (f"did you mean {parent + '.' if parent else ''}{close[0]}?" if close
+                else f"check its spelling (the keys of {parent or 'the top level'}: {', '.join(siblings)})")
     everything = [k for k in _dotted(cfg) if k != "hydra"]
     close = get_close_matches(key, everything, n=1, cutoff=0.7)
     return f"did you mean {close[0]}?" if close else "check its spelling"
