@@ -12,7 +12,8 @@ from hsci import Refused, UserError, best_effort, config_dir, flat, interrupt, n
 
 VERBS = {
     "train": "train, validate every epoch, test the best checkpoint: hsci train [key=value ...]; "
-             "sweeps: hsci train -m key=a,b; resume: hsci train resume=<run dir>|latest",
+             "sweeps: hsci train -m key=a,b; resume: hsci train resume=<run dir>|latest; a run's config again: "
+             "hsci train from=<run dir>|latest [key=value ...]",
     "eval": "evaluate a run's best checkpoint: hsci eval run=<run dir>|latest [split=val]; on a labelled folder "
             "(<class>/*.png): hsci eval run=<run dir> data.root=<folder>; or hsci eval checkpoint=<file.pt> "
             "model=... data=...",
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # Read by hsci itself, not by Hydra.
-OWN_KEYS = ("resume", "run", "checkpoint", "split", "steps", "warmup", "init_from", "inputs", "top_k", "out")
+OWN_KEYS = ("resume", "run", "checkpoint", "split", "steps", "warmup", "init_from", "from", "inputs", "top_k", "out")
 
 
 def _home(arg: str) -> str:
