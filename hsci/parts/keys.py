@@ -258,13 +258,21 @@ def misnamed(report: str, args: list[str]) -> str | None:
 
 
 def _nearest(cfg: DictConfig, key: str, bad: str) -> str:
-    """`did you mean <the nearest key>?`, first among the key's siblings; or the `+` that adds a setting the
-    group's builder takes and its option leaves out."""
+    """`did you mean <the nearest key>?`, first among the key's siblings; else the `+` that adds a setting the
+    group's builder takes and its option leaves out (importing the builder: torch's, for an optimizer), else the
+    keys beside it."""
     from hydra._internal.utils import _locate
 
     parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
-    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not isinstance(node, DictConfig):  # its node is not there either: the nearest key of the whole config
+        close = get_close_matches(key, [k for k in _dotted(cfg) if k != "hydra"], n=1, cutoff=0.7)
+        return f"did you mean {close[0]}?" if close else "check its spelling"
+    siblings = [str(k) for k in node]
+    close = get_close_matches(leaf, siblings, n=1)
+    if close:
+        return f"did you mean {parent + '.' if parent else ''}{close[0]}?"
+    target = node.get("_target_")
     if parent in PASSED and isinstance(target, str):
         try:
             sig = annotated.signature(_locate(target))
@@ -272,14 +280,7 @@ def _nearest(cfg: DictConfig, key: str, bad: str) -> str:
             sig = None
         if sig and leaf in sig.parameters and leaf not in PASSED[parent]:
             return f"{target} takes {leaf}, which this option leaves at its default: add it with +{bad.lstrip('+~')}"
-    if isinstance(node, DictConfig):  # the key's own node: one of its keys, or those keys
-        siblings = [str(k) for k in node]
-        close = get_close_matches(leaf, siblings, n=1)
-        return (f"did you mean {parent + '.' if parent else ''}{close[0]}?" if close
-                else f"check its spelling (the keys of {parent or 'the top level'}: {', '.join(siblings)})")
-    everything = [k for k in _dotted(cfg) if k != "hydra"]
-    close = get_close_matches(key, everything, n=1, cutoff=0.7)
-    return f"did you mean {close[0]}?" if close else "check its spelling"
+    return f"check its spelling (the keys of {parent or 'the top level'}: {', '.join(siblings)})"
 
 
 def _dotted(node: DictConfig, prefix: str = "") -> list[str]:
