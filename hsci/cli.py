@@ -355,9 +355,9 @@ def _groups() -> str:
     from hydra.core.hydra_config import HydraConfig
 
     options: dict[str, set[str]] = {}
-    for source in HydraConfig.get().runtime.config_sources:
-        root = Path(source.path)
-        for file in sorted(root.rglob("*.yaml")) if source.schema == "file" else ():
+    sources = HydraConfig.get().runtime.config_sources if HydraConfig.initialized() else ()
+    for root in [Path(s.path) for s in sources if s.schema == "file"] or [config_dir()]:
+        for file in sorted(root.rglob("*.yaml")):
             group = file.parent.relative_to(root).parts
             if group and group[0] != "hydra" and "base" not in group:
                 options.setdefault("/".join(group), set()).add(file.stem)
