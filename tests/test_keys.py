@@ -77,9 +77,11 @@ REFUSED = {
                                               ["model.hidden=wide is invalid: hsci.models.cnn takes hidden: int (in ",
                                                "/my_conf/model/wide.yaml)"]),
     "a key the config lacks": (["optimizer.lrr=0.1"], ["optimizer.lrr is not a key of this config (given on the "
-                                                       "command line as optimizer.lrr=0.1): did you mean optimizer.lr?"]),
+                                                       "command line as optimizer.lrr=0.1): did you mean "
+                                                       "optimizer.lr?"]),
     "a group the config lacks": (["optimiser.lr=0.1"], ["optimiser.lr is not a key of this config (given on the "
-                                                        "command line as optimiser.lr=0.1): did you mean optimizer.lr?"]),
+                                                        "command line as optimiser.lr=0.1): did you mean "
+                                                        "optimizer.lr?"]),
     "a key of the option chosen": (["model=mlp", "model.conv_dropout=0.1"], ["did you mean model.dropout?"]),
     "a setting the option leaves out": (["optimizer.amsgrad=true"], ["torch.optim.Adam takes amsgrad, which this "
                                                                      "option leaves at its default: add it with "
