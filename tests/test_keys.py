@@ -203,3 +203,13 @@ def test_what_a_builder_annotation_admits():
     assert fits("abc", float | torch.Tensor) and fits("abc", Path)  # what a config value cannot tell: unchecked
     assert fits({"_target_": "torch.nn.ReLU"}, int)  # built by instantiate: its type shows then
     assert named(int | None) == "int | None" and named(Optional[list[float]]) == "Optional[list[float]]"
+
+
+def test_a_resume_changing_a_key_the_run_lacks_gets_the_nearest(tmp_path, finished):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    result = hsci("train", f"resume={run}", "trainer.epoch=3", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["error: resume: trainer.epoch=3: the run's config has no "
+                                                  "trainer.epoch: did you mean trainer.epochs?"]
+    assert summary_of(run) == summary_of(finished)  # left as it was

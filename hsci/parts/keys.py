@@ -263,15 +263,11 @@ def _nearest(cfg: DictConfig, key: str, bad: str) -> str:
     keys beside it."""
     from hydra._internal.utils import _locate
 
+    near = nearest(cfg, key)
     parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
-    if not isinstance(node, DictConfig):  # its node is not there either: the nearest key of the whole config
-        close = get_close_matches(key, [k for k in _dotted(cfg) if k != "hydra"], n=1, cutoff=0.7)
-        return f"did you mean {close[0]}?" if close else "check its spelling"
-    siblings = [str(k) for k in node]
-    close = get_close_matches(leaf, siblings, n=1)
-    if close:
-        return f"did you mean {parent + '.' if parent else ''}{close[0]}?"
+    if near or not isinstance(node, DictConfig):
+        return f"did you mean {near}?" if near else "check its spelling"
     target = node.get("_target_")
     if parent in PASSED and isinstance(target, str):
         try:
@@ -280,7 +276,19 @@ def _nearest(cfg: DictConfig, key: str, bad: str) -> str:
             sig = None
         if sig and leaf in sig.parameters and leaf not in PASSED[parent]:
             return f"{target} takes {leaf}, which this option leaves at its default: add it with +{bad.lstrip('+~')}"
-    return f"check its spelling (the keys of {parent or 'the top level'}: {', '.join(siblings)})"
+    return f"check its spelling (the keys of {parent or 'the top level'}: {', '.join(map(str, node))})"
+
+
+def nearest(cfg: DictConfig, key: str) -> str | None:
+    """The key of `cfg` nearest to `key`, a key it lacks: among the key's siblings where its node is there, else
+    among all of them."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    if isinstance(node, DictConfig):
+        close = get_close_matches(leaf, [str(k) for k in node], n=1)
+        return f"{parent + '.' if parent else ''}{close[0]}" if close else None
+    close = get_close_matches(key, [k for k in _dotted(cfg) if k != "hydra"], n=1, cutoff=0.7)
+    return close[0] if close else None
 
 
 def _dotted(node: DictConfig, prefix: str = "") -> list[str]:
