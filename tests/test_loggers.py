@@ -116,7 +116,9 @@ def test_a_logger_whose_package_is_missing_is_refused_before_any_work_naming_the
     (["logger=tensorboard", "+logger.tensorboard.flush_sec=5"],
      "logger.tensorboard.flush_sec is not a setting of the tensorboard logger: did you mean "
      "logger.tensorboard.flush_secs? (its settings: flush_secs)"),
-    (["logger=tensorboard", "logger.tensorboard.foo=1"], "Key 'foo' not in 'TensorBoard'"),
+    (["logger=tensorboard", "logger.tensorboard.foo=1"], "logger.tensorboard.foo is not a key of this config (given "
+                                                         "on the command line as logger.tensorboard.foo=1): check its "
+                                                         "spelling (the keys of logger.tensorboard: flush_secs)"),
     (["logger=tensorbord"], "Could not find 'logger/tensorbord'"),
     (["logger=tensorboard", "logger.tensorboard.flush_secs=0"], "logger.tensorboard.flush_secs=0 is invalid"),
 ])

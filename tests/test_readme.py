@@ -50,8 +50,9 @@ def test_the_run_directory_table_names_exactly_what_a_run_records(finished):
     reading = json.loads((finished / "steps.jsonl").read_text().splitlines()[0])
     assert named(row("`steps.jsonl`")[1]) == set(reading) | {"trainer.log_every"}
     summary = json.loads((finished / "summary.json").read_text())
-    # resumed: once a run is resumed; mlflow_run_id: with logger=mlflow; weights_from: with model.weights or init_from
-    assert named(row("`summary.json`")[1]) == set(summary) | {"resumed", "mlflow_run_id", "weights_from"}
+    # resumed: once a run is resumed; mlflow_run_id: with logger=mlflow; weights_from: with model.weights or init_from;
+    # from: with from=<run>
+    assert named(row("`summary.json`")[1]) == set(summary) | {"resumed", "mlflow_run_id", "weights_from", "from"}
 
 
 def test_the_metrics_sentence_names_what_each_task_records():

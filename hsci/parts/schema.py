@@ -1,10 +1,10 @@
-"""Types for the top-level keys, `trainer.*` and `logger.*`, so a wrong value fails in Hydra before any work; the
-values that compose but cannot work, refused before a run directory is made (no torch needed to tell); and the keys
-that no builder or logger takes (`check_keys`, which imports the builders, and `check_loggers`)."""
+"""Types for the top-level keys, `trainer.*` and `logger.*`, so a wrong value fails in Hydra before any work, and the
+keys hsci reads there (hsci/parts/keys.py refuses any other); and the values that compose but cannot work, refused
+before a run directory is made (no torch needed to tell)."""
 
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
@@ -12,7 +12,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from hsci import UserError, flat
+from hsci import UserError
 
 
 class Precision(Enum):
@@ -74,6 +74,7 @@ class Config:
     name: str = MISSING
     resume: Optional[str] = None  # a run directory to continue (set by `hsci train resume=...`)
     init_from: Optional[str] = None  # a run directory whose best weights a new run starts from
+    tags: list[str] = field(default_factory=list)  # labels for `hsci runs tag=...`; runs saved before them: none
     trainer: Trainer = MISSING
     logger: Optional[Loggers] = None  # none, or logger=tensorboard, logger=mlflow, logger=[tensorboard,mlflow]
     # The groups below have one schema per option, so they are typed by their own YAML.
@@ -232,126 +233,5 @@ def _check_monitor(cfg: DictConfig, skipped) -> None:
                         f"one of {', '.join(recorded)}")
 
 
-# What hsci passes each group's builder at the call site (hsci/parts/build.py): never a config key.
-PASSED = {"data": (), "model": ("input_shape", "num_outputs"), "loss": (), "optimizer": ("params",),
-          "scheduler": ("opt", "epochs", "steps_per_epoch")}
-HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")  # read by instantiate itself
 # The model keys hsci reads itself for fine-tuning (conf/model/base/tuning.yaml); the builder never sees them.
 TUNING = ("weights", "freeze", "unfreeze_at_epoch", "backbone_lr_scale")
-
-
-def check_keys(cfg: DictConfig, hydra_cfg: DictConfig, skip: tuple[str, ...] = ()) -> None:
-    """Refuse a key of data, model, loss, optimizer or scheduler that its `_target_` does not take, and a
-    `_target_` that cannot be imported, naming the file the key came from (`hydra_cfg`, Hydra's node, says which
-    files were used); and what `check_loggers` refuses. Keys in `skip` (and under them) are left to a sweep's jobs.
-    It imports the targets: call it on a config the user composed, never on a received run's."""
-    import inspect
-    from difflib import get_close_matches
-
-    from hydra._internal.utils import _locate  # finds a `_target_` as hydra.utils.instantiate does
-
-    if any(s in hydra_cfg.runtime.choices and s not in PASSED for s in skip):
-        return  # a swept overlay (experiment=a,b) may choose and set any group, job by job
-    check_loggers(cfg, skip)
-    for group, passed in PASSED.items():
-        target = OmegaConf.select(cfg, f"{group}._target_", throw_on_missing=False, throw_on_resolution_failure=False)
-        if group in skip or f"{group}._target_" in skip or not isinstance(target, str):
-            continue
-        try:
-            builder = _locate(target)
-        except Exception as e:  # not there, or its module fails to import
-            cause = e.__cause__ or e  # what Hydra's ImportError wraps
-            where = _origin(hydra_cfg, group, "_target_")
-            raise UserError(f"{group}._target_={target} cannot be imported ({where}): "
-                            f"{type(cause).__name__}: {flat(cause)}; correct the name, or make its module "
-                            "importable (PYTHONPATH)") from e
-        try:
-            params = inspect.signature(builder).parameters.values()
-        except (TypeError, ValueError):  # no signature to read (some builtins): left to the call
-            continue
-        if any(p.kind is p.VAR_KEYWORD for p in params):  # takes any key
-            continue
-        settings = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-                    and p.name not in passed]
-        for key in cfg[group]:
-            if key in HYDRA_KEYS or key in settings or f"{group}.{key}" in skip or group == "model" and key in TUNING:
-                continue
-            close = get_close_matches(key, settings, n=1)
-            fix = ("hsci passes it itself: remove it" if key in passed
-                   else f"did you mean {group}.{close[0]}?" if close else "remove it")
-            raise UserError(f"{group}.{key} is not a setting of {target} ({_origin(hydra_cfg, group, key)}): {fix} "
-                            f"(its settings: {', '.join(settings)})")
-
-
-# What each logger of conf/logger/ is, and the package that `pip install "hsci[<logger>]"` brings.
-LOGGERS = {"tensorboard": (TensorBoard, "tensorboard"), "mlflow": (MLflow, "mlflow")}
-
-
-def check_loggers(cfg: DictConfig, skip: tuple[str, ...] = ()) -> None:
-    """Refuse a key that a chosen logger does not take (`+logger.tensorboard.foo=1`) and a logger whose package is
-    missing, naming the pip command; a swept `logger` is left to each job. No logger is imported here."""
-    from difflib import get_close_matches
-    from importlib.util import find_spec
-
-    if any(s == "logger" or s.startswith("logger.") for s in skip) or not cfg.get("logger"):
-        return
-    for name, (kind, package) in LOGGERS.items():
-        node = cfg.logger.get(name)
-        if node is None:
-            continue
-        settings = [f.name for f in fields(kind)]
-        for key in node:
-            if key not in settings:
-                close = get_close_matches(key, settings, n=1)
-                raise UserError(f"logger.{name}.{key} is not a setting of the {name} logger: "
-                                f"{f'did you mean logger.{name}.{close[0]}?' if close else 'remove it'} "
-                                f"(its settings: {', '.join(settings)})")
-        if find_spec(package) is None:
-            raise UserError(f'logger={name} needs the {package} package: pip install "hsci[{name}]"')
-
-
-def _origin(hydra_cfg: DictConfig, group: str, key: str) -> str:
-    """Where `group.key` came from: the command line, or the first file that holds it of the chosen option's
-    own, those it extends (its defaults list) and the chosen global overlays (experiment=...); else the
-    option's own file. A config's file is the first of its name on Hydra's search path."""
-    import yaml
-
-    given = next((o for o in hydra_cfg.overrides.task if o.lstrip("+~").split("=")[0] == f"{group}.{key}"), None)
-    if given:
-        return f"given on the command line as {given}"
-    runtime = hydra_cfg.runtime
-    roots = [Path(source.path) for source in runtime.config_sources if source.schema == "file"]
-
-    def file(name: str) -> Path | None:  # name: data/mnist
-        return next((root / f"{name}.yaml" for root in roots if (root / f"{name}.yaml").is_file()), None)
-
-    def read(path: Path) -> tuple[str, dict]:
-        text = path.read_text()
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError:  # Hydra read it, so this is unlikely; then the file is not searched
-            doc = None
-        return text, doc if isinstance(doc, dict) else {}
-
-    option = f"{group}/{runtime.choices.get(group)}"
-    files, names = [], [option]
-    while names:  # the option's own file, then the files its defaults list extends
-        name = names.pop(0)
-        path = file(name)
-        if path is None or path in files:
-            continue
-        files.append(path)
-        doc = read(path)[1]
-        if key in doc:
-            return f"in {path}"
-        for entry in doc.get("defaults") or []:
-            if isinstance(entry, str) and entry != "_self_":  # not a group's choice (a mapping)
-                extended = entry.removeprefix("optional ").split("@")[0].strip()
-                names.append(extended[1:] if extended.startswith("/") else f"{name.rpartition('/')[0]}/{extended}")
-    for other, choice in runtime.choices.items():
-        path = file(f"{other}/{choice}") if choice and other != group and not other.startswith("hydra") else None
-        text, doc = read(path) if path else ("", {})
-        node = doc.get(group) if text.startswith("# @package _global_") else None  # an overlay: experiment=...
-        if isinstance(node, dict) and key in node:
-            return f"in {path}"
-    return f"in {files[0]}" if files else f"in the option {option}"

@@ -8,6 +8,7 @@
 - comparable: what makes two runs comparable (the experiment's config, fingerprints of its held-out splits)
 - predictions: a run's per-example test predictions, and the intervals of its test metrics
 - weights: the weights a new run starts from (model.weights=<file>, init_from=<run dir>)
+- rerun: a new run from a run's saved config (`hsci train from=<run dir>`)
 
 Imports: the base (`hsci`, `hsci.interrupt`, `hsci.report`), the parts, and each other; never the loop, the jobs or
 the door.

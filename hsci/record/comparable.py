@@ -16,8 +16,9 @@ if TYPE_CHECKING:  # the fingerprints are taken in a training run, which has imp
     from hsci.parts.datasets import Data
 
 # Keys that do not change the experiment: where the data lies and how it is fed, on which devices and how fast, how
-# often the loop reports, the run's name and seed. Two runs that differ in these only are replicates of one config.
-NOT_EXPERIMENT = ("seed", "name", "resume", "data.root", "data.download", "data.num_workers", "data.loader",
+# often the loop reports, the run's name, tags and seed. Two runs that differ in these only are replicates of one
+# config.
+NOT_EXPERIMENT = ("seed", "name", "tags", "resume", "data.root", "data.download", "data.num_workers", "data.loader",
                   "trainer.device", "trainer.devices", "trainer.log_every", "trainer.channels_last", "trainer.compile",
                   "trainer.deterministic", "trainer.dist_timeout_s")
 
