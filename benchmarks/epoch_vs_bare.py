@@ -10,6 +10,11 @@ the wall clock.
 
     python benchmarks/epoch_vs_bare.py                       # cnn at 28 px, batch 128, fp32, 2 threads
     python benchmarks/epoch_vs_bare.py --rounds 20 model=mlp
+    python benchmarks/epoch_vs_bare.py logger=tensorboard    # a third side: hsci with the logger
+
+With a logger chosen, a third side runs hsci's epoch with it (its readings and the epoch's record go to the
+logger too, on rank 0 as in a run; its event files in a temporary folder), alternating with the other two, and
+the table adds its ratios to the bare loop and to hsci without the logger.
 
 Overrides are `hsci train`'s. Prints a short table last; see benchmarks/RESULTS.md for recorded figures.
 """
@@ -23,8 +28,10 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from hsci import report
+from hsci.integrations import loggers
 from hsci.loop.bench import synthetic
 from hsci.loop.step import Epoch, Readings, train_epoch
 from hsci.loop.train import STEPS
@@ -37,9 +44,11 @@ DEFAULTS = ["model=cnn", "data=mnist", "data.batch_size=128", "trainer.device=cp
 def compare(cfg, n_batches: int, rounds: int) -> dict:
     """CPU and wall seconds per epoch of each side, alternating, over `rounds` epochs after one of warm-up."""
     p = build(cfg, data=synthetic(cfg, None, n_batches * cfg.data.batch_size))
-    optim = optimizing(cfg, p, epochs=rounds + 1, steps_per_epoch=len(p.loaders.train))
+    optim = optimizing(cfg, p, epochs=2 * (rounds + 1), steps_per_epoch=len(p.loaders.train))  # both hsci sides
     run_dir = Path(tempfile.mkdtemp())
     logging.basicConfig(filename=run_dir / "train.log", level=logging.INFO)  # as hsci train logs, to a file
+    log = loggers.opened(OmegaConf.to_container(cfg, resolve=True), run_dir, 0) if cfg.logger else None
+    logged = ",".join(log.on) if log else ""  # the loggers' names
 
     # The bare loop: its own model of the same architecture, the same optimizer, batches made and normalised once.
     bare = make_model(cfg, p.data.input_shape, p.data.num_outputs).to(p.device)
@@ -47,14 +56,17 @@ def compare(cfg, n_batches: int, rounds: int) -> dict:
     loss_fn = instantiate(cfg.loss)
     batches = [(p.to_input(x.to(p.device)), y.to(p.device)) for x, y in p.loaders.train]
 
-    def hsci_epoch(number: int) -> None:
+    def hsci_epoch(number: int, log=None) -> None:
         epoch = Epoch.start(number, len(p.loaders.train), p.device)
         start_epoch(p.loaders.train, epoch.number)
         timed = Timed(p.loaders.train)
         with report.epoch_progress(epoch.number, rounds + 1, 0, epoch.stop) as progress:
-            readings = Readings(cfg.trainer.log_every, epoch, run_dir / STEPS, progress)
+            readings = Readings(cfg.trainer.log_every, epoch, run_dir / STEPS, progress, log=log)
             train_epoch(p, optim=optim, batches=timed, epoch=epoch, readings=readings)
-        epoch.loss_sum.item()  # the epoch's record reads it
+        loss = epoch.loss_sum.item()  # the epoch's record reads it
+        if log:  # the epoch's record (here without validation) goes to the logger too
+            record = {"epoch": number, "train_loss": loss / epoch.step, "lr": optim.opt.param_groups[0]["lr"]}
+            log.epoch(record, optim.sched.last_epoch)
 
     def bare_epoch(number: int) -> None:
         bare.train()
@@ -65,28 +77,37 @@ def compare(cfg, n_batches: int, rounds: int) -> dict:
             bare_opt.zero_grad(set_to_none=True)
         loss.item()
 
+    sides = {"hsci": hsci_epoch, "bare": bare_epoch}
+    if logged:
+        sides["logger"] = lambda number: hsci_epoch(number, log)
     report.console.quiet = True  # the readings' lines are made and logged to train.log, but not printed
-    seconds = {"hsci": {"cpu": [], "wall": []}, "bare": {"cpu": [], "wall": []}}
+    seconds = {name: {"cpu": [], "wall": []} for name in sides}
     for number in range(1, rounds + 2):
-        for name, epoch in (("hsci", hsci_epoch), ("bare", bare_epoch)):
-            cpu, wall = time.process_time(), time.perf_counter()
+        for name, epoch in sides.items():
+            cpu, wall = time.process_time(), time.perf_counter()  # the logger's writer thread counts in CPU time
             epoch(number)
             if number > 1:  # the first epoch of each warms up
                 seconds[name]["cpu"].append(time.process_time() - cpu)
                 seconds[name]["wall"].append(time.perf_counter() - wall)
     report.console.quiet = False
+    if logged:
+        log.close()
     result = {"device": str(p.device), "precision": p.speed.precision, "threads": torch.get_num_threads(),
               "batch": cfg.data.batch_size, "input": "x".join(map(str, p.data.input_shape)),
               "batches/epoch": len(batches), "rounds": rounds,
               "readings/epoch": sum(1 for step in range(1, len(batches) + 1)
                                     if step % cfg.trainer.log_every == 0 or step == len(batches))}
     images = len(batches) * cfg.data.batch_size
+    if logged:
+        result["logger"] = logged
+    pairs = [("hsci", "bare")] + ([("logger", "bare"), ("logger", "hsci")] if logged else [])
     for clock in ("cpu", "wall"):
-        ratios = [b / h for h, b in zip(seconds["hsci"][clock], seconds["bare"][clock])]  # throughput hsci / bare
-        result[f"hsci img/s ({clock})"] = round(images / statistics.median(seconds["hsci"][clock]))
-        result[f"bare img/s ({clock})"] = round(images / statistics.median(seconds["bare"][clock]))
-        result[f"hsci/bare ({clock}) median"] = round(statistics.median(ratios), 3)
-        result[f"hsci/bare ({clock}) min..max"] = f"{min(ratios):.3f}..{max(ratios):.3f}"
+        for name in sides:
+            result[f"{name} img/s ({clock})"] = round(images / statistics.median(seconds[name][clock]))
+        for side, against in pairs:  # throughput side / against, round by round
+            ratios = [a / s for s, a in zip(seconds[side][clock], seconds[against][clock])]
+            result[f"{side}/{against} ({clock}) median"] = round(statistics.median(ratios), 3)
+            result[f"{side}/{against} ({clock}) min..max"] = f"{min(ratios):.3f}..{max(ratios):.3f}"
     return result
 
 
@@ -98,7 +119,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = compare(compose(DEFAULTS + args.overrides), args.batches, args.rounds)
+    cfg = compose(DEFAULTS + args.overrides)
+    if cfg.logger and cfg.logger.mlflow:
+        parser.error("logger=mlflow is not measured here (it logs once an epoch, after validation): use "
+                     "logger=tensorboard")
+    result = compare(cfg, args.batches, args.rounds)
     print(" ".join(DEFAULTS + args.overrides))
     width = max(map(len, result))
     for key, value in result.items():

@@ -12,7 +12,8 @@ from hsci import Refused, UserError, best_effort, config_dir, flat, interrupt, n
 
 VERBS = {
     "train": "train, validate every epoch, test the best checkpoint: hsci train [key=value ...]; "
-             "sweeps: hsci train -m key=a,b; resume: hsci train resume=<run dir>|latest",
+             "sweeps: hsci train -m key=a,b; resume: hsci train resume=<run dir>|latest; a run's config again: "
+             "hsci train from=<run dir>|latest [key=value ...]",
     "eval": "evaluate a run's best checkpoint: hsci eval run=<run dir>|latest [split=val]; on a labelled folder "
             "(<class>/*.png): hsci eval run=<run dir> data.root=<folder>; or hsci eval checkpoint=<file.pt> "
             "model=... data=...",
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # Read by hsci itself, not by Hydra.
-OWN_KEYS = ("resume", "run", "checkpoint", "split", "steps", "warmup", "init_from", "inputs", "top_k", "out")
+OWN_KEYS = ("resume", "run", "checkpoint", "split", "steps", "warmup", "init_from", "from", "inputs", "top_k", "out")
 
 
 def _home(arg: str) -> str:
@@ -161,8 +162,11 @@ def one_line_errors(verb, args: list[str]) -> int:
 
 
 def train(args: list[str]) -> int:
-    """`hsci train`: a Hydra app; `resume=` reopens a run directory instead of making a new one. Started as a rank
-    of a larger job (torchrun), rank 0 runs the app and the other ranks follow it (hsci/jobs/ranks.py)."""
+    """`hsci train`: a Hydra app; `resume=` reopens a run directory instead of making a new one, `from=` makes a new
+    one from a run's saved config. Started as a rank of a larger job (torchrun), rank 0 runs the app and the other
+    ranks follow it (hsci/jobs/ranks.py)."""
+    from hsci.record import rerun
+
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         refused = _refused_as_rank(args)
         if refused:
@@ -171,6 +175,7 @@ def train(args: list[str]) -> int:
             return one_line_errors(_follow, args)
     try:
         args = [_init_from(a) for a in args]
+        args, source = rerun.arguments(args)  # from=<run>: its saved config, as Hydra's primary config
     except UserError as e:
         return fail(str(e))
     resume = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
@@ -188,7 +193,7 @@ def train(args: list[str]) -> int:
         args = [a for a in args if a not in changes and not a.startswith("resume=")]
         args += [f"resume={quote(str(run))}", f"hydra.run.dir={quote(str(run))}", "hydra.output_subdir=null"]
     held = _HeldStderr(sys.stderr)
-    task = _Task(changes, held)
+    task = _Task(changes, held, source and str(source))
     sys.argv = ["hsci train", *args]  # Hydra reads its arguments from sys.argv
     sys.stderr = held
     try:
@@ -207,14 +212,14 @@ def train(args: list[str]) -> int:
         if held.holding and e.code and not HydraConfig.initialized():
             report = held.text()
             held.holding = False
-            return fail(one_line(report) + HINT, 2)
+            return fail(_hydra_refusal(report, args), 2)
         raise
     except Exception as e:  # Hydra raised its error instead of reporting it (under a debugger, or coverage)
         if not held.holding:
             raise
         held.holding = False
         report = f"{e}\n{e.__cause__ or ''}"  # what its report would show: the error, and what caused it
-        return fail(one_line(report) + HINT, 2)
+        return fail(_hydra_refusal(report, args), 2)
     finally:
         sys.stderr = held.real
         held.release()
@@ -247,6 +252,14 @@ def _init_from(arg: str) -> str:
 HINT = " (hsci --help lists the options; hsci train --cfg job the keys)"  # after a config Hydra refused
 
 
+def _hydra_refusal(report: str, args: list[str]) -> str:
+    """Hydra's refusal of the command line as one line; for a key the config lacks, hsci's own, with the nearest
+    key it has."""
+    from hsci.parts.keys import misnamed
+
+    return misnamed(report, args) or one_line(report) + HINT
+
+
 def _refused_as_rank(args: list[str]) -> str | None:
     """What a rank of a larger job cannot do, said the same way on every rank."""
     if "-m" in args or "--multirun" in args:
@@ -271,8 +284,8 @@ class _Task:
     """Hydra's task function: one training job. Launchers that run jobs in other processes (joblib, submitit)
     pickle it; it goes without the held stderr, which stays with the process that holds it."""
 
-    def __init__(self, changes: list[str], held: "_HeldStderr | None"):
-        self.changes, self.held = changes, held
+    def __init__(self, changes: list[str], held: "_HeldStderr | None", source: str | None = None):
+        self.changes, self.held, self.source = changes, held, source  # source: the run given as from=
 
     def __call__(self, cfg) -> float | None:
         if self.held:
@@ -281,10 +294,10 @@ class _Task:
         best_effort()
         from hsci.jobs import job  # imports torch: kept out of `hsci --help`
 
-        return job.main(cfg, self.changes)  # the monitored value, for sweepers that optimise
+        return job.main(cfg, self.changes, self.source)  # the monitored value, for sweepers that optimise
 
     def __getstate__(self) -> dict:
-        return {"changes": self.changes, "held": None}
+        return {"changes": self.changes, "held": None, "source": self.source}
 
 
 class _HeldStderr(io.TextIOBase):
@@ -331,4 +344,21 @@ def _hydra_app(task):
     schema.register()
     OmegaConf.register_new_resolver("hsci_new_dir", _new_dir, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("hsci_job_dir", job_dir, replace=True)  # a sweep job's folder: record/owner.py
+    OmegaConf.register_new_resolver("hsci_groups", _groups, replace=True)  # hsci train --help
     return hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(task)
+
+
+def _groups() -> str:
+    """The config groups one chooses an option of, as Hydra's help lists them (`group: option, ...`), from every
+    config folder on the search path (hsci's and --config-dir's); the bases that options extend (data/base) are
+    not among them."""
+    from hydra.core.hydra_config import HydraConfig
+
+    options: dict[str, set[str]] = {}
+    sources = HydraConfig.get().runtime.config_sources if HydraConfig.initialized() else ()
+    for root in [Path(s.path) for s in sources if s.schema == "file"] or [config_dir()]:
+        for file in sorted(root.rglob("*.yaml")):
+            group = file.parent.relative_to(root).parts
+            if group and group[0] != "hydra" and "base" not in group:
+                options.setdefault("/".join(group), set()).add(file.stem)
+    return "\n".join(f"{group}: {', '.join(sorted(names))}" for group, names in sorted(options.items()))

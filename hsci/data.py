@@ -22,7 +22,7 @@ __all__ = ["Data", "Loading", "Scaling", "Tensors", "digits", "mnist", "fashion_
 
 def digits(test_fraction: float, image_shape: list[int], num_classes: int, batch_size: int, num_workers: int | str,
            loader: str, val_fraction: float, split_seed: int, mean: list[float], std: list[float],
-           random_crop_padding: int, horizontal_flip: bool) -> Data:
+           random_crop_padding: int, horizontal_flip: bool, drop_last: bool | str = "auto") -> Data:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images): real data that needs no network."""
     pixels, labels = _digits()
     x = torch.from_numpy(np.round(pixels * 255 / 16)).to(torch.uint8).unsqueeze(1)  # (N, 1, 8, 8)
@@ -30,8 +30,8 @@ def digits(test_fraction: float, image_shape: list[int], num_classes: int, batch
     carving = Carving(val_fraction, split_seed, test_fraction)
     rest, test = carving.test(y)
     return Images("digits", x[rest], y[rest], x[test], y[test]).data(
-        (image_shape, num_classes), Loading(batch_size, num_workers, loader), carving, Scaling(tuple(mean), tuple(std)),
-        CropFlip.of(random_crop_padding, horizontal_flip))
+        (image_shape, num_classes), Loading(batch_size, num_workers, loader, drop_last), carving,
+        Scaling(tuple(mean), tuple(std)), CropFlip.of(random_crop_padding, horizontal_flip))
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
@@ -52,51 +52,56 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 def mnist(root: str, download: bool, image_shape: list[int], num_classes: int, batch_size: int,
           num_workers: int | str, loader: str, val_fraction: float, split_seed: int, mean: list[float],
-          std: list[float], random_crop_padding: int, horizontal_flip: bool) -> Data:
+          std: list[float], random_crop_padding: int, horizontal_flip: bool, drop_last: bool | str = "auto") -> Data:
     """MNIST in torchvision's layout: <root>/MNIST/raw/*-ubyte."""
     from torchvision.datasets import MNIST
 
     return idx_files(MNIST, "mnist", root, download).data(
-        (image_shape, num_classes), Loading(batch_size, num_workers, loader), Carving(val_fraction, split_seed),
-        Scaling(tuple(mean), tuple(std)), CropFlip.of(random_crop_padding, horizontal_flip))
+        (image_shape, num_classes), Loading(batch_size, num_workers, loader, drop_last),
+        Carving(val_fraction, split_seed), Scaling(tuple(mean), tuple(std)),
+        CropFlip.of(random_crop_padding, horizontal_flip))
 
 
 def fashion_mnist(root: str, download: bool, image_shape: list[int], num_classes: int, batch_size: int,
                   num_workers: int | str, loader: str, val_fraction: float, split_seed: int, mean: list[float],
-                  std: list[float], random_crop_padding: int, horizontal_flip: bool) -> Data:
+                  std: list[float], random_crop_padding: int, horizontal_flip: bool,
+                  drop_last: bool | str = "auto") -> Data:
     """Fashion-MNIST in torchvision's layout: <root>/FashionMNIST/raw/*-ubyte."""
     from torchvision.datasets import FashionMNIST
 
     return idx_files(FashionMNIST, "fashion_mnist", root, download).data(
-        (image_shape, num_classes), Loading(batch_size, num_workers, loader), Carving(val_fraction, split_seed),
-        Scaling(tuple(mean), tuple(std)), CropFlip.of(random_crop_padding, horizontal_flip))
+        (image_shape, num_classes), Loading(batch_size, num_workers, loader, drop_last),
+        Carving(val_fraction, split_seed), Scaling(tuple(mean), tuple(std)),
+        CropFlip.of(random_crop_padding, horizontal_flip))
 
 
 def cifar10(root: str, download: bool, image_shape: list[int], num_classes: int, batch_size: int,
             num_workers: int | str, loader: str, val_fraction: float, split_seed: int, mean: list[float],
-            std: list[float], random_crop_padding: int, horizontal_flip: bool) -> Data:
+            std: list[float], random_crop_padding: int, horizontal_flip: bool, drop_last: bool | str = "auto") -> Data:
     """CIFAR-10 in torchvision's layout: <root>/cifar-10-batches-py/."""
     from torchvision.datasets import CIFAR10
 
     return cifar(CIFAR10, "cifar10", root, download, "labels").data(
-        (image_shape, num_classes), Loading(batch_size, num_workers, loader), Carving(val_fraction, split_seed),
-        Scaling(tuple(mean), tuple(std)), CropFlip.of(random_crop_padding, horizontal_flip))
+        (image_shape, num_classes), Loading(batch_size, num_workers, loader, drop_last),
+        Carving(val_fraction, split_seed), Scaling(tuple(mean), tuple(std)),
+        CropFlip.of(random_crop_padding, horizontal_flip))
 
 
 def cifar100(root: str, download: bool, image_shape: list[int], num_classes: int, batch_size: int,
              num_workers: int | str, loader: str, val_fraction: float, split_seed: int, mean: list[float],
-             std: list[float], random_crop_padding: int, horizontal_flip: bool) -> Data:
+             std: list[float], random_crop_padding: int, horizontal_flip: bool, drop_last: bool | str = "auto") -> Data:
     """CIFAR-100 (fine labels) in torchvision's layout: <root>/cifar-100-python/."""
     from torchvision.datasets import CIFAR100
 
     return cifar(CIFAR100, "cifar100", root, download, "fine_labels").data(
-        (image_shape, num_classes), Loading(batch_size, num_workers, loader), Carving(val_fraction, split_seed),
-        Scaling(tuple(mean), tuple(std)), CropFlip.of(random_crop_padding, horizontal_flip))
+        (image_shape, num_classes), Loading(batch_size, num_workers, loader, drop_last),
+        Carving(val_fraction, split_seed), Scaling(tuple(mean), tuple(std)),
+        CropFlip.of(random_crop_padding, horizontal_flip))
 
 
 def fake(train_size: int, test_size: int, image_shape: list[int], num_classes: int, batch_size: int,
          num_workers: int | str, loader: str, val_fraction: float, split_seed: int, mean: list[float],
-         std: list[float], random_crop_padding: int, horizontal_flip: bool) -> Data:
+         std: list[float], random_crop_padding: int, horizontal_flip: bool, drop_last: bool | str = "auto") -> Data:
     """torchvision's FakeData: random images of any (C, H, W) and class count, for smoke runs and benchmarks."""
     from torchvision.datasets import FakeData
     from torchvision.transforms import v2
@@ -107,36 +112,38 @@ def fake(train_size: int, test_size: int, image_shape: list[int], num_classes: i
         return torch.stack([x for x, _ in pairs]), torch.tensor([int(y) for _, y in pairs])
 
     return Images("fake", *make(train_size, 0), *make(test_size, train_size)).data(
-        (image_shape, num_classes), Loading(batch_size, num_workers, loader), Carving(val_fraction, split_seed),
-        Scaling(tuple(mean), tuple(std)), CropFlip.of(random_crop_padding, horizontal_flip))
+        (image_shape, num_classes), Loading(batch_size, num_workers, loader, drop_last),
+        Carving(val_fraction, split_seed), Scaling(tuple(mean), tuple(std)),
+        CropFlip.of(random_crop_padding, horizontal_flip))
 
 
 def imagefolder(root: str, image_size: int, channels: int, test_fraction: float, batch_size: int,
                 num_workers: int | str, loader: str, val_fraction: float, split_seed: int, mean: list[float],
-                std: list[float], random_crop_padding: int, horizontal_flip: bool) -> Data:
+                std: list[float], random_crop_padding: int, horizontal_flip: bool,
+                drop_last: bool | str = "auto") -> Data:
     """A user's own images: <root>/{train,val,test}/<class>/*.png|jpg; val/ and test/ are optional."""
     train, val, test, classes = read_image_folder(root, (channels, image_size), Carving(val_fraction, split_seed,
                                                                                          test_fraction),
                                                   CropFlip.of(random_crop_padding, horizontal_flip))
     return Data(train, val, test, "multiclass", (channels, image_size, image_size), len(classes),
-                Loading(batch_size, num_workers, loader), Scaling(tuple(mean), tuple(std)))
+                Loading(batch_size, num_workers, loader, drop_last), Scaling(tuple(mean), tuple(std)))
 
 
 def breast_cancer(batch_size: int, num_workers: int | str, loader: str, val_fraction: float, test_fraction: float,
-                  split_seed: int) -> Data:
+                  split_seed: int, drop_last: bool | str = "auto") -> Data:
     """scikit-learn's Wisconsin breast cancer table (569 x 30): binary classification."""
     from sklearn.datasets import load_breast_cancer
 
     bunch = load_breast_cancer()
-    return table(bunch.data, bunch.target, "binary", Loading(batch_size, num_workers, loader),
+    return table(bunch.data, bunch.target, "binary", Loading(batch_size, num_workers, loader, drop_last),
                  Carving(val_fraction, split_seed, test_fraction), list(bunch.target_names))
 
 
 def diabetes(batch_size: int, num_workers: int | str, loader: str, val_fraction: float, test_fraction: float,
-             split_seed: int) -> Data:
+             split_seed: int, drop_last: bool | str = "auto") -> Data:
     """scikit-learn's diabetes table (442 x 10): regression of disease progression."""
     from sklearn.datasets import load_diabetes
 
     bunch = load_diabetes()
-    return table(bunch.data, bunch.target, "regression", Loading(batch_size, num_workers, loader),
+    return table(bunch.data, bunch.target, "regression", Loading(batch_size, num_workers, loader, drop_last),
                  Carving(val_fraction, split_seed, test_fraction))

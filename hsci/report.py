@@ -12,6 +12,7 @@ from typing import Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 
 from hsci import flat, user_error
@@ -233,3 +234,27 @@ def _fmt(key: str, value) -> str:
     if key.endswith("_s"):
         return f"{value:.1f}"
     return f"{value:.4f}"
+
+
+def table(title: str, header: list[str], rows: list[list[str]], right: tuple[int, ...] = ()) -> None:
+    """A table of text cells under `title`, the `right` columns aligned right: rich on a terminal, aligned plain
+    lines otherwise; train.log gets the plain lines either way."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+
+    def plain(cells: list[str]) -> str:
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    lines = [title, plain(header), *(plain(row) for row in rows)]
+    log.info("\n".join(lines))
+    if not console.is_terminal:
+        for line in lines:
+            console.print(line, markup=False, soft_wrap=True, highlight=False)
+        return
+    console.print(title, style="bold", markup=False, soft_wrap=True)  # whole, however narrow the table
+    shown = Table()
+    for i, name in enumerate(header):
+        shown.add_column(name, justify="right" if i in right else "left")
+    for row in rows:
+        shown.add_row(*(Text(str(c)) for c in row))  # as written: a name is not markup
+    console.print(shown)

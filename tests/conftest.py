@@ -34,6 +34,7 @@ import numpy as np
 import pytest
 from filelock import FileLock
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from PIL import Image
@@ -42,6 +43,7 @@ import hsci as hsci_package
 from hsci import interrupt
 from hsci.cli import config_dir, main
 from hsci.parts import schema
+from hsci.parts.keys import FROM_RUN
 from hsci.record import owner
 
 OFFLINE = {k: "http://127.0.0.1:9" for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
@@ -144,6 +146,7 @@ def _as_a_process(cwd: Path, env: dict | None):
         root.handlers[:], _ = saved_logging
         root.setLevel(saved_logging[1])
         _fresh_hydra()
+        _forget(ConfigStore.instance().repo)
         for s, handler in saved["signals"].items():
             signal.signal(s, handler)
         sys.stdout, sys.stderr = saved["streams"]
@@ -155,6 +158,14 @@ def _as_a_process(cwd: Path, env: dict | None):
         os.environ.clear()
         os.environ.update(saved["env"])
         os.chdir(saved["cwd"])
+
+
+def _forget(folder: dict) -> None:
+    """Take out of Hydra's ConfigStore the configs that `hsci train from=<run>` kept there for its process."""
+    folder.pop(f"{FROM_RUN}.yaml", None)
+    for entry in folder.values():
+        if isinstance(entry, dict):
+            _forget(entry)
 
 
 def _fresh_hydra() -> None:

@@ -152,7 +152,9 @@ CASES = {
     # name: (arguments, setup(tmp_path, finished) -> extra arguments, text the one line holds, or texts it holds)
     "unknown option": (["train", "data=cifar11"], None, "Could not find 'data/cifar11'; Available options in 'data': "
                                                         "breast_cancer, cifar10"),
-    "unknown key": (["train", "optimizer.lrr=0.1"], None, "Could not override 'optimizer.lrr'; Key 'lrr' is not in struct"),
+    "unknown key": (["train", "optimizer.lrr=0.1"], None, "optimizer.lrr is not a key of this config (given on the "
+                                                          "command line as optimizer.lrr=0.1): did you mean "
+                                                          "optimizer.lr?"),
     "wrong type": (["train", "trainer.epochs=abc"], None, "Value 'abc' of type 'str' could not be converted to Integer"),
     "zero epochs": (["train", "trainer.epochs=0"], None, "trainer.epochs=0 is invalid: it must be at least 1"),
     "negative batch size": (["train", "data.batch_size=-8"], None, "data.batch_size=-8 is invalid: it must be at least 1"),

@@ -148,10 +148,10 @@ def test_sigterm_stops_every_rank_at_one_step_and_resume_is_exact(tmp_path):
 
 def test_a_rank_that_fails_ends_the_job_as_failed_with_its_error(tmp_path):
     (tmp_path / "faults.py").write_text(FAULTS)
-    start = time.monotonic()
-    result = hsci_process("train", *TWO, "data._target_=faults.digits_failing_on_rank_1", cwd=tmp_path, timeout=120,
+    # Under the 300 s that a rank waits for the others (trainer.dist_timeout_s): the job ends when the rank fails.
+    result = hsci_process("train", *TWO, "data._target_=faults.digits_failing_on_rank_1", cwd=tmp_path, timeout=240,
                           env={"PYTHONPATH": str(tmp_path)})
-    assert result.returncode == 1 and time.monotonic() - start < 60
+    assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     [line] = result.stderr.strip().splitlines()
     assert "rank 1 failed: ValueError: a corrupt sample in the share of rank 1" in line, result.stderr

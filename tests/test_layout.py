@@ -13,6 +13,7 @@ LAYERS = [("base", ("hsci", "hsci.interrupt", "hsci.report")),
           ("parts", ("hsci.parts", "hsci.data", "hsci.models", "hsci.schedulers")),
           ("record", ("hsci.record",)),
           ("analysis", ("hsci.analysis",)),
+          ("integrations", ("hsci.integrations",)),
           ("loop", ("hsci.loop",)),
           ("jobs", ("hsci.jobs",)),
           ("door", ("hsci.cli", "hsci.completion", "hsci.__main__"))]

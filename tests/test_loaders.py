@@ -15,7 +15,8 @@ from conftest import hsci, run_dirs, summary_of
 from hsci import UserError
 from hsci.parts.datafiles import ImageFiles
 from hsci.parts.datasets import CropFlip, Loading, Tensors
-from hsci.parts.loaders import DeviceLoader, crop_flip, pick_loader, start_epoch, train_loader
+from hsci.parts.loaders import DeviceLoader, crop_flip, drops, pick_loader, start_epoch, train_loader
+from hsci.parts.world import World
 
 CPU = torch.device("cpu")
 
@@ -134,6 +135,49 @@ def test_bench_without_the_data_uses_the_declared_shape(tmp_path):
     result = hsci("bench", "data=cifar10", "data.download=false", "model=cnn", "steps=2", "warmup=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "input (3, 32, 32)" in result.stdout and "loader not measured: data=cifar10: missing" in result.stdout
+
+
+def test_drop_last_auto_leaves_out_the_last_batch_only_where_that_is_harmless():
+    assert not drops(97, 64, "auto")  # 33 samples, a third of the split: kept
+    assert drops(1221, 16, "auto")  # 5 of 1,221: left out
+    assert drops(65, 64, "auto")  # a batch of one would break batch norm
+    assert drops(40, 32, "auto", ranks=8) and not drops(40, 32, "auto", ranks=4)  # 8 samples: 1 or 2 per process
+    assert not drops(60, 64, "auto") and not drops(128, 64, "auto")  # one batch; no incomplete batch
+    assert drops(97, 64, True) and not drops(1221, 16, False)
+    with pytest.raises(UserError, match=r"data.drop_last=true leaves no batch: the training split holds 60 samples"):
+        drops(60, 64, True)
+    with pytest.raises(UserError, match=r"data.drop_last=false keeps a last batch of 1 samples, fewer than one for "
+                                        r"each of the 2 processes"):
+        drops(65, 64, False, ranks=2)
+
+
+@pytest.mark.parametrize("choice, batches", [("auto", [64, 33]), (True, [64]), (False, [64, 33])])
+def test_both_loaders_drop_the_same_last_batch_and_each_process_takes_its_share(choice, batches):
+    data = numbered(97)
+    for kind in ("torch", "gpu"):
+        seen = []
+        for rank in (0, 1):
+            loader = train_loader(data, Loading(64, drop_last=choice), CPU, 0, kind, World(rank, 2))
+            start_epoch(loader, 2)
+            shares = [y for _, y in loader]
+            assert len(loader) == len(shares) == len(batches)
+            seen.append(shares)
+        assert [len(a) + len(b) for a, b in zip(*seen)] == batches  # the ranks' shares side by side: each batch
+        labels = torch.cat([torch.cat(pair) for pair in zip(*seen)])
+        assert len(set(labels.tolist())) == sum(batches)
+
+
+# digits trains on 1,221 images: at a batch of 300, 21 are left over (under a tenth of the split).
+WHOLE_EPOCH = ["experiment=smoke", "trainer.limit_batches=null", "trainer.epochs=1", "data.batch_size=300"]
+
+
+@pytest.mark.slow
+def test_drop_last_false_trains_on_the_last_batch_too(tmp_path):  # auto drops it: tests/test_controls.py
+    result = hsci("train", *WHOLE_EPOCH, "data.drop_last=false", "data.loader=gpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "leaves out" not in result.stdout
+    [run] = run_dirs(tmp_path)
+    assert json.loads((run / "steps.jsonl").read_text().splitlines()[-1])["step"] == 5
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ def test_the_config_table_names_every_option_of_each_group(group):
     assert named(row(f"`{group}`")[1]) == set(options(group))
 
 
-@pytest.mark.parametrize("group", [g for g in GROUPS if g != "experiment"])  # overlays have no keys of their own
+@pytest.mark.parametrize("group", [g for g in GROUPS if g not in ("experiment", "debug")])  # overlays: no keys of their own
 def test_the_config_table_names_every_key_of_each_group(cfg_of, group):
     shipped = set()
     for option in options(group):
@@ -50,7 +50,9 @@ def test_the_run_directory_table_names_exactly_what_a_run_records(finished):
     reading = json.loads((finished / "steps.jsonl").read_text().splitlines()[0])
     assert named(row("`steps.jsonl`")[1]) == set(reading) | {"trainer.log_every"}
     summary = json.loads((finished / "summary.json").read_text())
-    assert named(row("`summary.json`")[1]) == set(summary) | {"resumed"}  # resumed: once a run is resumed
+    # resumed: once a run is resumed; mlflow_run_id: with logger=mlflow; weights_from: with model.weights or init_from;
+    # from: with from=<run>
+    assert named(row("`summary.json`")[1]) == set(summary) | {"resumed", "mlflow_run_id", "weights_from", "from"}
 
 
 def test_the_metrics_sentence_names_what_each_task_records():

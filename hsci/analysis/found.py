@@ -12,7 +12,9 @@ from pathlib import Path
 from hsci import UserError
 from hsci.record.comparable import experiment, lower_is_better
 
-SKIP = {"checkpoints", ".hydra", "__pycache__"}  # folders inside a run that hold no other run
+# Folders that hold no run: inside a run, and outputs/mlflow/, MLflow's store (logger=mlflow), whose artifacts are
+# copies of runs' records.
+SKIP = {"checkpoints", ".hydra", "__pycache__", "mlflow"}
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """`hsci runs`: the runs under outputs/ (or the folders given), newest first, one line each: when, name, status,
 epochs, the best validation value, the test value, how long, the overrides that differ between the runs shown,
-and the sweep a job belongs to. Filters (`status=completed`, `name=cifar*`, `sweep=...`, `last=20`) narrow the
-list; `--json` prints the same as JSON for a program."""
+the run's tags and the sweep a job belongs to. Filters (`status=completed`, `name=cifar*`, `tag=baseline`,
+`sweep=...`, `last=20`) narrow the list; `--json` prints the same as JSON for a program."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from fnmatch import fnmatch
 from hsci import UserError
 from hsci.analysis.found import Run, arguments, assignments, find
 
-FILTERS = ("status", "name", "sweep", "last")
-USAGE = ("usage: hsci runs [folders, run dirs or globs ...] [status=completed] [name=<glob>] [sweep=<glob>] "
-         "[last=N] [--json]")
+FILTERS = ("status", "name", "tag", "sweep", "last")
+USAGE = ("usage: hsci runs [folders, run dirs or globs ...] [status=completed] [name=<glob>] [tag=<glob>] "
+         "[sweep=<glob>] [last=N] [--json]")
 
 
 def run_runs(args: list[str]) -> int:
@@ -50,7 +50,14 @@ def run_runs(args: list[str]) -> int:
 def wanted(run: Run, options: dict[str, str]) -> bool:
     return (fnmatch(run.status, options.get("status", "*")) and fnmatch(run.summary.get("name", ""),
                                                                           options.get("name", "*"))
+            and ("tag" not in options or any(fnmatch(str(t), options["tag"]) for t in tags(run)))
             and ("sweep" not in options or run.sweep is not None and fnmatch(str(run.sweep), options["sweep"])))
+
+
+def tags(run: Run) -> list:
+    """The run's tags (`tags=[...]`); none for a run saved before hsci had them."""
+    found = run.summary.get("tags")
+    return found if isinstance(found, list) else []
 
 
 def newest_first(runs: list[Run]) -> list[Run]:
@@ -78,7 +85,7 @@ def row(run: Run) -> dict:
             "epochs": f"{s.get('epochs_run', 0)}/{epochs}" if epochs else s.get("epochs_run"),
             "best_val": f"{monitor} {best:.4f}" if isinstance(best, (int, float)) else None,
             "test": f"{test_key} {s['test'][test_key]:.4f}" if test_key in (s.get("test") or {}) else None,
-            "duration": _duration(s.get("duration_s")), "overrides": "",
+            "duration": _duration(s.get("duration_s")), "overrides": "", "tags": ",".join(map(str, tags(run))),
             "sweep": str(run.sweep) if run.sweep else None, "run_dir": str(run.dir)}
 
 

@@ -16,11 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from hsci import UserError, interrupt, report
 from hsci.analysis import plots
+from hsci.integrations import loggers
 from hsci.jobs import ranks
+from hsci.loop.debug import passed
 from hsci.loop.step import Diverged
 from hsci.loop.train import train
 from hsci.parts.build import count_devices
-from hsci.parts.schema import check_keys
+from hsci.parts.keys import check_keys, check_loggers
 from hsci.parts.world import started_as_rank
 from hsci.record import rundir
 from hsci.record.owner import requeued
@@ -32,9 +34,10 @@ RESULTS = ("error", "device", "precision", "channels_last", "loader", "compile_s
            "best_val", "test", "test_ci", "test_per_class")
 
 
-def main(cfg: DictConfig, changes: list[str] = ()) -> float | None:
+def main(cfg: DictConfig, changes: list[str] = (), source: str | None = None) -> float | None:
     """Run (or resume) one training job and record its outcome; a single run exits non-zero unless it completed.
-    Returns the best value of the monitored validation metric (what sweepers that optimise read), or None."""
+    `source`: the run whose saved config this one started from (`hsci train from=`). Returns the best value of the
+    monitored validation metric (what sweepers that optimise read), or None."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     # Started as a rank (torchrun), or a task of a cluster job on several: rank 0 runs the job, the others follow.
@@ -42,13 +45,13 @@ def main(cfg: DictConfig, changes: list[str] = ()) -> float | None:
     if as_rank and int(os.environ["RANK"]):
         return ranks.follow()
     try:
-        return record(cfg, changes, hydra_cfg, run_dir)
+        return record(cfg, changes, hydra_cfg, run_dir, source)
     finally:
         if as_rank:  # a job that ends before its ranks meet (refused, stopped, done already): the others end too
             ranks.announce(None)
 
 
-def record(cfg: DictConfig, changes: list[str], hydra_cfg, run_dir: Path) -> float | None:
+def record(cfg: DictConfig, changes: list[str], hydra_cfg, run_dir: Path, source: str | None = None) -> float | None:
     """`main` for the process that owns the run: it runs the job and records its outcome."""
     # A sweep job that finds its own run in its folder was requeued (a preempted cluster job): it carries on,
     # unless it had completed (requeued by the cluster after that), and then its result stands.
@@ -60,14 +63,16 @@ def record(cfg: DictConfig, changes: list[str], hydra_cfg, run_dir: Path) -> flo
     if resumed:
         try:
             cfg, state, summary = reopen(run_dir, changes)
+            check_loggers(cfg)  # a logger's package that has gone since
         except UserError as e:  # refused before anything in the run directory changed
             report.log.error("resume refused: %s", e)
             return finish({"status": "failed", "error": str(e)}, hydra_cfg)
     else:
         state = None
-        summary = {"name": cfg.name, "run_dir": str(run_dir), "seed": cfg.seed,
-                   "overrides": list(hydra_cfg.overrides.task), "started": rundir.now(),
-                   "versions": rundir.versions(), "git_commit": rundir.git_commit(Path(hydra_cfg.runtime.cwd))}
+        summary = {"name": cfg.name, "run_dir": str(run_dir), "seed": cfg.seed, "tags": list(cfg.tags),
+                   **({"from": source} if source else {}), "overrides": list(hydra_cfg.overrides.task),
+                   "started": rundir.now(), "versions": rundir.versions(),
+                   "git_commit": rundir.git_commit(Path(hydra_cfg.runtime.cwd))}
     if interrupt.requested():  # stopped before training began (or a sweep that was stopped: no further jobs)
         summary |= {"status": "interrupted", "error": "not started: a stop signal came first"}
         rundir.write_json(run_dir / "summary.json", summary)
@@ -80,6 +85,10 @@ def record(cfg: DictConfig, changes: list[str], hydra_cfg, run_dir: Path) -> flo
     try:
         if hydra_cfg.mode == RunMode.MULTIRUN and not resumed:  # a single run's keys were checked before its
             check_keys(cfg, hydra_cfg)  # folder was made, a sweep's only where they did not vary from job to job
+        sweep = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
+        if not cfg.trainer.get("fast_dev_run"):  # a quick check makes no MLflow run
+            summary |= loggers.begin(config, run_dir, summary, sweep)  # the MLflow run, new or taken up again
+        rundir.write_json(run_dir / "summary.json", summary)  # with its id, for the loop
         summary |= run(cfg, config, run_dir, state, resumed)
     except Diverged as e:
         summary |= {"status": "diverged", "error": str(e)}
@@ -95,7 +104,11 @@ def record(cfg: DictConfig, changes: list[str], hydra_cfg, run_dir: Path) -> flo
     finally:
         summary["duration_s"] = round(summary.get("duration_s", 0) + time.time() - start, 3)
         rundir.write_json(run_dir / "summary.json", summary)
-        draw(run_dir)
+        if not cfg.trainer.get("fast_dev_run"):  # a quick check draws nothing
+            draw(run_dir)
+        loggers.end(config, run_dir, summary)  # the MLflow run's artifacts (the plots too) and status
+    if summary["status"] == "completed" and cfg.trainer.get("fast_dev_run"):
+        return passed(run_dir, summary)
     finish(summary, hydra_cfg)
     return summary["best_val"][summary["monitor"]] if summary["status"] == "completed" else None
 

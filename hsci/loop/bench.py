@@ -79,7 +79,8 @@ def synthetic(cfg, data: Data | None, n: int) -> Data:
             shape, classes = (d.channels, d.image_size, d.image_size), 10
         else:
             raise UserError(f"data: {d._target_} declares no image_shape/num_classes for a run without its files")
-        data = Data(None, None, None, "multiclass", shape, classes, Loading(d.batch_size, d.num_workers, d.loader),
+        loading = Loading(d.batch_size, d.num_workers, d.loader, d.get("drop_last", "auto"))
+        data = Data(None, None, None, "multiclass", shape, classes, loading,
                     Scaling(tuple(d.mean), tuple(d.std)))
     if data.scaling.mean is None:  # tables: standardised features
         x = torch.randn(n, *data.input_shape)

@@ -132,12 +132,14 @@ def clip_or_measure(model: nn.Module, optim: Optim) -> torch.Tensor:
 
 class Readings:
     """The numbers of `epoch`'s steps, read off the device every `every` steps and at the epoch's last: the one
-    place they are taken. Each reading is a line in steps.jsonl (when `path` is given) and a line on `progress`
-    (hsci/report.py's epoch_progress: the bar's text on a terminal, a printed line otherwise, and train.log);
-    loggers to come hook in here."""
+    place they are taken. Each reading is a line in steps.jsonl (when `path` is given), a line on `progress`
+    (hsci/report.py's epoch_progress: the bar's text on a terminal, a printed line otherwise, and train.log) and
+    what the chosen loggers get (`log`, hsci/integrations/loggers.py's Loggers)."""
 
-    def __init__(self, every: int, epoch: Epoch, path: Path | None = None, progress=None, world: World = SINGLE):
+    def __init__(self, every: int, epoch: Epoch, path: Path | None = None, progress=None, world: World = SINGLE,
+                 log=None):
         self.every, self.epoch, self.path, self.progress, self.world = every, epoch, path, progress, world
+        self.log = log
         # Where the last reading was taken (here, for the first one): loss sum, steps, samples, time.
         self.mark, self.step, self.seen, self.time = epoch.loss_sum.clone(), epoch.step, epoch.seen, time.perf_counter()
 
@@ -170,6 +172,8 @@ class Readings:
             rundir.append_jsonl(self.path, record)
         if self.progress:
             self.progress.show(epoch.step, record)
+        if self.log:
+            self.log.reading(record)
         return loss_sum
 
 

@@ -23,16 +23,20 @@ from omegaconf import DictConfig, OmegaConf
 
 import hsci
 from hsci import interrupt, report
+from hsci.integrations import loggers
+from hsci.loop.debug import Watch, dev_run
 from hsci.loop.evaluate import Metrics, evaluate, kept, monitor
+from hsci.loop.layers import show_layers
 from hsci.loop.pace import Pace, stopping_early
 from hsci.loop.step import (DIVERGED_HINT, Diverged, Epoch, Readings, peak_memory_gb, reset_peak_memory, train_epoch,
                             warm_up)
 from hsci.parts.build import build, optimizing
 from hsci.parts.finetune import freeze_backbone, frozen_at, head
-from hsci.parts.loaders import Timed, start_epoch
+from hsci.parts.loaders import Timed, dropped, start_epoch
 from hsci.parts.world import SINGLE, TIME_UP, World
 from hsci.record import predictions, rundir, weights
 from hsci.record.comparable import class_names, comparable
+from hsci.record.kept import Kept
 from hsci.record.resume import Position, checkpoint, restore
 
 STEPS = "steps.jsonl"  # a line per reading (see Readings)
@@ -48,6 +52,7 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
     `world` runs this on its share of the data; rank 0 alone writes the run directory (`world.main`).
     """
     report.config(config, OmegaConf.to_yaml(config))
+    cfg = dev_run(cfg)  # trainer.fast_dev_run: a few batches of each stage
     parts = build(cfg, world=world, restoring=state is not None)  # a resumed run's weights are in its checkpoint
     started_from = None if state else weights.start_from(parts.model, cfg)  # model.weights or init_from, if set
     trainer, data = cfg.trainer, parts.data
@@ -55,6 +60,8 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
     optim = optimizing(cfg, parts, epochs=trainer.epochs, steps_per_epoch=pace.steps)
     metrics = Metrics(data.task, data.num_outputs, parts.device)
     key, mode = monitor(trainer.monitor, data.task, metrics)
+    saved = Kept(run_dir / "checkpoints", run_dir / "metrics.jsonl", key, mode, trainer.save_top_k,
+                 trainer.save_every_n_epochs)
     last = run_dir / "checkpoints" / "last.pt"
     position = restore(state, parts.model, optim, last) if state else Position()
     if state:
@@ -69,6 +76,8 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
     if world.main:  # a resumed run redoes what came after
         rundir.keep_records(run_dir / "metrics.jsonl", {"step": optim.sched.last_epoch, "epoch": position.epoch})
         rundir.keep_records(run_dir / STEPS, {"step": optim.sched.last_epoch})
+        saved.tidy(position.epoch)
+    log = loggers.opened(config, run_dir, optim.sched.last_epoch) if world.main else loggers.Loggers()
     compile_s = warm_up(parts, data.loading.batch_size // world.size) if trainer.compile else 0.0
     speed = parts.speed
     setup = {"device": str(parts.device), "precision": speed.precision, "channels_last": speed.channels_last,
@@ -87,11 +96,17 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
                  f"startup_s {setup['startup_s']}", "  ".join(f"{k} {setup[k]}" for k in how),
                  "  ".join(f"{k} {v}" for k, v in setup.items() if k not in (*how, "startup_s")), f"run dir {run_dir}"):
         report.say(line)  # short lines, each `key value` as summary.json has it
+    show_layers(parts.model, trainer.summary_depth)
+    left, n = dropped(parts.loaders.train)
+    if left and pace.batches == len(parts.loaders.train):  # not when a batch limit ends the epoch before
+        report.say(f"note: each epoch leaves out {left} of the {n} training samples, its incomplete last batch "
+                   "(drawn anew each epoch); data.drop_last=false keeps it")
     setup |= {"weights_from": started_from} if started_from else {}
     setup |= {"classes": class_names(data), "comparable": comparable(config, data) if world.main else None}
     if data.task != "regression" and 0 < len(data.test) <= 100:
         report.say(f"note: the test split holds {len(data.test)} examples: one of them moves accuracy by "
                    f"{100 / len(data.test):.2g} points")
+    watch = Watch(trainer, run_dir if world.main else None, parts.device)  # detect_anomaly, profile
 
     deadline, ended, header = pace.deadline(), None, True  # trainer.max_time from here: a resume has it afresh
     while position.epoch < trainer.epochs and not ended:
@@ -107,11 +122,13 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
         batches = iter(timed)  # taken up again after each validation within the epoch
         reset_peak_memory(parts.device)
         lr, epoch_s = optim.opt.param_groups[0]["lr"], 0.0
-        with report.epoch_progress(epoch.number, trainer.epochs, epoch.step, epoch.stop) as progress:
-            readings = Readings(trainer.log_every, epoch, run_dir / STEPS if world.main else None, progress, world)
+        with (report.epoch_progress(epoch.number, trainer.epochs, epoch.step, epoch.stop) as progress,
+              watch.epoch(epoch, batches) as watched):
+            readings = Readings(trainer.log_every, epoch, run_dir / STEPS if world.main else None, progress, world,
+                                log)
             for until in pace.checks(epoch.number, epoch.step, position.due):  # each validation point, then the end
                 start = time.perf_counter()
-                stop = train_epoch(stepping, optim=optim, batches=batches, epoch=epoch, readings=readings, until=until,
+                stop = train_epoch(stepping, optim=optim, batches=watched, epoch=epoch, readings=readings, until=until,
                                    deadline=deadline)
                 paused = time.perf_counter()
                 epoch_s += paused - start
@@ -141,11 +158,10 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
                                    best_record=record if improved else position.best_record,
                                    stale=0 if improved else position.stale + bool(val))  # counts validations
                 if world.main:
-                    rundir.append_jsonl(run_dir / "metrics.jsonl", {k: v for k, v in record.items() if v is not None})
-                    if improved:
-                        rundir.save_checkpoint(run_dir / "checkpoints" / "best.pt",
-                                               checkpoint(parts, optim, position, config, world))
-                    rundir.save_checkpoint(last, checkpoint(parts, optim, position, config, world))
+                    record = {k: v for k, v in record.items() if v is not None}
+                    rundir.append_jsonl(run_dir / "metrics.jsonl", record)
+                    log.epoch(record, optim.sched.last_epoch)
+                    saved.save(checkpoint(parts, optim, position, config, world), epoch.number, improved, end)
                 if end and val and judge is not None and judge(epoch.number, record[key]):
                     return setup | pruned(position, key, mode, record[key])
                 if stop == TIME_UP or val and stopping_early(position, trainer):
@@ -177,6 +193,7 @@ def train(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None = Non
         results["test_ci"] = predictions.intervals(kept_arrays, data.task, metrics.names, cfg.seed)
         if setup["classes"]:
             results["test_per_class"] = predictions.per_class(kept_arrays, setup["classes"])
+        log.tested(results, optim.sched.last_epoch)
     return setup | results
 
 

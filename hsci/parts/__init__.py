@@ -1,6 +1,8 @@
 """The parts a config builds, and what they are made of.
 
-- schema: the types of the top-level and `trainer.*` keys, the values that cannot train, the keys no builder takes
+- schema: the types of the top-level and `trainer.*` keys, the values that cannot train
+- keys, annotated: the keys hsci reads, each other refused where it came from; a builder's settings against the
+  types its signature declares
 - datasets, splits, datafiles: what a dataset builder returns (`Data`), how missing splits are carved, and the
   files datasets are read from
 - loaders: feeding a dataset to the device

@@ -22,7 +22,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import Subset
 
 from hsci import UserError, config_dir, models, one_line, report
-from hsci.parts import finetune, schema
+from hsci.parts import finetune, keys, schema
 from hsci.parts.datasets import Data, Tensors
 from hsci.parts.loaders import eval_loader, input_fn, pick_loader, train_loader
 from hsci.parts.schema import check_values
@@ -242,7 +242,7 @@ def compose(overrides: list[str]) -> DictConfig:
             cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:
         raise UserError(one_line(str(e))) from e
-    schema.check_keys(cfg, cfg.hydra)
+    keys.check_keys(cfg, cfg.hydra)
     HydraConfig.instance().set_config(cfg)  # `name` is made of the chosen options
     with open_dict(cfg):
         cfg.name = cfg.name

@@ -22,12 +22,14 @@ from hsci.parts.splits import carve
 @dataclass(frozen=True)
 class Loading:
     """How a dataset's splits are fed to the model: `data.batch_size` (the global batch, shared by the
-    processes of a run), `data.num_workers` ("auto" = one per CPU, at most 8) and `data.loader` (auto, torch:
-    a DataLoader, or gpu: the whole set on the device, augmented there)."""
+    processes of a run), `data.num_workers` ("auto" = one per CPU, at most 8), `data.loader` (auto, torch:
+    a DataLoader, or gpu: the whole set on the device, augmented there) and `data.drop_last` (whether training
+    leaves out the incomplete last batch: true, false or auto, hsci/parts/loaders.py's `drops`)."""
 
     batch_size: int
     num_workers: int | str = 0
     loader: str = "auto"
+    drop_last: bool | str = "auto"
 
 
 @dataclass(frozen=True)

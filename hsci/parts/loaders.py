@@ -73,12 +73,12 @@ class DeviceLoader:
     split is given already cut to the rank's part."""
 
     def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, *, train: bool, seed: int,
-                 rank: int = 0, ranks: int = 1, shuffle: bool = True):
+                 rank: int = 0, ranks: int = 1, drop_last: bool = False, shuffle: bool = True):
         self.x, self.y = dataset.x.to(device), dataset.y.to(device)
         self.augment = dataset.augment if train else None
         self.batch_size, self.train, self.seed, self.device, self.shuffle = batch_size, train, seed, device, shuffle
         self.rank, self.ranks = rank, ranks
-        self.drop_last = train and len(self.x) > batch_size
+        self.drop_last = train and drop_last
         self.epoch, self.start = 1, 0
 
     def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
@@ -127,15 +127,46 @@ def pick_loader(choice: str, data: Data, device: torch.device) -> str:
 def train_loader(dataset: Dataset, loading: Loading, device: torch.device, seed: int, kind: str = "torch",
                  world: World = SINGLE, shuffle: bool = True) -> DataLoader | DeviceLoader:
     """The training batches: a DeviceLoader for kind `gpu`, else a DataLoader whose batches come from an
-    `EpochSampler` (a ragged last one dropped). `loading.batch_size` is the global batch: each rank of `world`
-    takes its `share` of every batch. Without `shuffle`, the same batches in the split's order every epoch."""
+    `EpochSampler`; either leaves out the incomplete last batch where `drops` says so. `loading.batch_size` is
+    the global batch: each rank of `world` takes its `share` of every batch. Without `shuffle`, the same batches
+    in the split's order every epoch."""
+    drop_last = drops(len(dataset), loading.batch_size, loading.drop_last, world.size)
     if kind == "gpu":
         return DeviceLoader(dataset, loading.batch_size, device, train=True, seed=seed, rank=world.rank,
-                            ranks=world.size, shuffle=shuffle)
-    drop_last = len(dataset) > loading.batch_size  # a batch of one breaks batch norm
+                            ranks=world.size, drop_last=drop_last, shuffle=shuffle)
     batches = EpochSampler(len(dataset), loading.batch_size, drop_last, seed,
                            getattr(dataset, "augment", None) is not None, world.rank, world.size, shuffle)
     return _data_loader(dataset, batches, loading, device, seed)
+
+
+def drops(n: int, batch_size: int, choice: bool | str, ranks: int = 1) -> bool:
+    """Whether an epoch of `n` training samples leaves out its incomplete last batch (data.drop_last=`choice`).
+
+    `auto` drops it only where that is harmless: when it holds under a tenth of the split (each epoch draws a new
+    order, so every sample still trains in most epochs), or when each of the `ranks` processes would get fewer
+    than 2 of its samples (batch norm needs 2; a process with none would have no loss). A split no larger than
+    one batch is that batch."""
+    left = n % batch_size
+    if n < batch_size or not left:
+        if choice is True and n < batch_size:
+            raise UserError(f"data.drop_last=true leaves no batch: the training split holds {n} samples, fewer than "
+                            f"data.batch_size={batch_size}; use a smaller batch, or data.drop_last=auto")
+        return False
+    if choice == "auto":
+        return left < 0.1 * n or left < 2 * ranks
+    if not choice and left < ranks:
+        raise UserError(f"data.drop_last=false keeps a last batch of {left} samples, fewer than one for each of the "
+                        f"{ranks} processes: use data.drop_last=auto or true, or another data.batch_size")
+    return bool(choice)
+
+
+def dropped(loader: DataLoader | DeviceLoader) -> tuple[int, int]:
+    """The samples each epoch of a training loader leaves out (its incomplete last batch), and the split's size."""
+    if isinstance(loader, DataLoader):
+        loader = loader.batch_sampler or loader.sampler  # the EpochSampler, however the loader holds it
+    n, batch_size = (loader.n, loader.batch_size) if isinstance(loader, EpochSampler) else (len(loader.x),
+                                                                                            loader.batch_size)
+    return (n % batch_size if loader.drop_last else 0), n
 
 
 def eval_loader(dataset: Dataset, loading: Loading, device: torch.device, seed: int, kind: str = "torch",

@@ -1,10 +1,10 @@
-"""Types for the top-level keys and `trainer.*`, so a wrong value fails in Hydra before any work; the values
-that compose but cannot work, refused before a run directory is made (no torch needed to tell); and the keys
-that no builder takes (`check_keys`, which imports the builders)."""
+"""Types for the top-level keys, `trainer.*` and `logger.*`, so a wrong value fails in Hydra before any work, and the
+keys hsci reads there (hsci/parts/keys.py refuses any other); and the values that compose but cannot work, refused
+before a run directory is made (no torch needed to tell)."""
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
@@ -12,7 +12,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from hsci import UserError, flat
+from hsci import UserError
 
 
 class Precision(Enum):
@@ -49,6 +49,33 @@ class Trainer:
     limit_val_batches: Any = None
     limit_test_batches: Any = None
     overfit_batches: int = 0
+    # Runs saved before these existed kept best.pt and last.pt, showed no layer table and ran no debugging aid.
+    save_top_k: int = 1  # the K best epochs' checkpoints (hsci/record/kept.py); 1: best.pt alone
+    save_every_n_epochs: Optional[int] = None  # checkpoints/epoch_NNN.pt every N epochs
+    summary_depth: Optional[int] = 1  # the model's layer table to this depth (hsci/loop/layers.py); 0 or null: none
+    profile: bool = False  # torch.profiler over a few steps of the first epoch (hsci/loop/profile.py)
+    detect_anomaly: bool = False  # torch's anomaly mode around the step: names the backward op that gave NaN
+    fast_dev_run: Any = False  # true or N: N batches of train, validation and test, then the run folder goes
+
+
+@dataclass
+class TensorBoard:
+    flush_secs: int = MISSING
+
+
+@dataclass
+class MLflow:
+    tracking_uri: str = MISSING
+    experiment_name: Optional[str] = MISSING
+    run_name: Optional[str] = MISSING
+    tags: dict[str, str] = MISSING
+
+
+@dataclass
+class Loggers:
+    """conf/logger/*: where a run is watched from besides its own records (hsci/integrations/); one or both."""
+    tensorboard: Optional[TensorBoard] = None
+    mlflow: Optional[MLflow] = None
 
 
 @dataclass
@@ -57,7 +84,9 @@ class Config:
     name: str = MISSING
     resume: Optional[str] = None  # a run directory to continue (set by `hsci train resume=...`)
     init_from: Optional[str] = None  # a run directory whose best weights a new run starts from
+    tags: list[str] = field(default_factory=list)  # labels for `hsci runs tag=...`; runs saved before them: none
     trainer: Trainer = MISSING
+    logger: Optional[Loggers] = None  # none, or logger=tensorboard, logger=mlflow, logger=[tensorboard,mlflow]
     # The groups below have one schema per option, so they are typed by their own YAML.
     data: Any = MISSING
     model: Any = MISSING
@@ -114,6 +143,7 @@ CHECKS = [("seed", lambda v: 0 <= v < 2**32, "between 0 and 2**32 - 1 (429496729
           ("data.val_fraction", lambda v: 0 < v < 1, "between 0 and 1"),
           ("data.test_fraction", lambda v: 0 < v < 1, "between 0 and 1"),
           ("data.loader", lambda v: v in ("auto", "torch", "gpu"), "auto, torch or gpu"),
+          ("data.drop_last", lambda v: v in ("auto", True, False), "auto, true or false"),
           ("trainer.log_every", lambda v: v >= 1, "at least 1"),
           *((f"trainer.{key}", lambda v: v is None or _limit(v), LIMIT) for key in LIMITS),
           ("trainer.early_stop_patience", lambda v: v is None or v >= 1, "at least 1, or null"),
@@ -130,6 +160,13 @@ CHECKS = [("seed", lambda v: 0 <= v < 2**32, "between 0 and 2**32 - 1 (429496729
            "a time above 0 as DD:HH:MM:SS (00:04:00:00 for four hours) or seconds, or null"),
           ("trainer.min_epochs", lambda v: v is None or _whole(v) and v >= 1, "a whole number, at least 1, or null"),
           ("trainer.overfit_batches", lambda v: _whole(v) and v >= 0, "a whole number of batches, or 0 (off)"),
+          ("trainer.save_top_k", lambda v: v >= 1, "at least 1 (1: best.pt alone)"),
+          ("trainer.save_every_n_epochs", lambda v: v is None or v >= 1, "at least 1, or null"),
+          ("trainer.summary_depth", lambda v: v is None or v >= -1, "a depth of 1 or more, -1 (every layer), 0 or "
+                                                                    "null (no table)"),
+          ("trainer.fast_dev_run", lambda v: v in (False, True) or isinstance(v, int) and v >= 1,
+           "true (one batch), a number of batches, or false"),
+          ("logger.tensorboard.flush_secs", lambda v: v >= 1, "at least 1"),
           ("trainer.monitor", lambda v: v == "auto" or any(v in names for names in MONITORS.values()),
            "auto or a validation value: " + ", ".join(dict.fromkeys(sum(MONITORS.values(), ())))),
           ("model.pretrained", lambda v: isinstance(v, bool), "true or false (a weights file goes in model.weights=<file>)"),
@@ -239,98 +276,5 @@ def _check_monitor(cfg: DictConfig, skipped) -> None:
                         f"one of {', '.join(recorded)}")
 
 
-# What hsci passes each group's builder at the call site (hsci/parts/build.py): never a config key.
-PASSED = {"data": (), "model": ("input_shape", "num_outputs"), "loss": (), "optimizer": ("params",),
-          "scheduler": ("opt", "epochs", "steps_per_epoch")}
-HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")  # read by instantiate itself
 # The model keys hsci reads itself for fine-tuning (conf/model/base/tuning.yaml); the builder never sees them.
 TUNING = ("weights", "freeze", "unfreeze_at_epoch", "backbone_lr_scale")
-
-
-def check_keys(cfg: DictConfig, hydra_cfg: DictConfig, skip: tuple[str, ...] = ()) -> None:
-    """Refuse a key of data, model, loss, optimizer or scheduler that its `_target_` does not take, and a
-    `_target_` that cannot be imported, naming the file the key came from (`hydra_cfg`, Hydra's node, says which
-    files were used). Keys in `skip` (and under them) are left to a sweep's jobs.
-    It imports the targets: call it on a config the user composed, never on a received run's."""
-    import inspect
-    from difflib import get_close_matches
-
-    from hydra._internal.utils import _locate  # finds a `_target_` as hydra.utils.instantiate does
-
-    if any(s in hydra_cfg.runtime.choices and s not in PASSED for s in skip):
-        return  # a swept overlay (experiment=a,b) may choose and set any group, job by job
-    for group, passed in PASSED.items():
-        target = OmegaConf.select(cfg, f"{group}._target_", throw_on_missing=False, throw_on_resolution_failure=False)
-        if group in skip or f"{group}._target_" in skip or not isinstance(target, str):
-            continue
-        try:
-            builder = _locate(target)
-        except Exception as e:  # not there, or its module fails to import
-            cause = e.__cause__ or e  # what Hydra's ImportError wraps
-            where = _origin(hydra_cfg, group, "_target_")
-            raise UserError(f"{group}._target_={target} cannot be imported ({where}): "
-                            f"{type(cause).__name__}: {flat(cause)}; correct the name, or make its module "
-                            "importable (PYTHONPATH)") from e
-        try:
-            params = inspect.signature(builder).parameters.values()
-        except (TypeError, ValueError):  # no signature to read (some builtins): left to the call
-            continue
-        if any(p.kind is p.VAR_KEYWORD for p in params):  # takes any key
-            continue
-        settings = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-                    and p.name not in passed]
-        for key in cfg[group]:
-            if key in HYDRA_KEYS or key in settings or f"{group}.{key}" in skip or group == "model" and key in TUNING:
-                continue
-            close = get_close_matches(key, settings, n=1)
-            fix = ("hsci passes it itself: remove it" if key in passed
-                   else f"did you mean {group}.{close[0]}?" if close else "remove it")
-            raise UserError(f"{group}.{key} is not a setting of {target} ({_origin(hydra_cfg, group, key)}): {fix} "
-                            f"(its settings: {', '.join(settings)})")
-
-
-def _origin(hydra_cfg: DictConfig, group: str, key: str) -> str:
-    """Where `group.key` came from: the command line, or the first file that holds it of the chosen option's
-    own, those it extends (its defaults list) and the chosen global overlays (experiment=...); else the
-    option's own file. A config's file is the first of its name on Hydra's search path."""
-    import yaml
-
-    given = next((o for o in hydra_cfg.overrides.task if o.lstrip("+~").split("=")[0] == f"{group}.{key}"), None)
-    if given:
-        return f"given on the command line as {given}"
-    runtime = hydra_cfg.runtime
-    roots = [Path(source.path) for source in runtime.config_sources if source.schema == "file"]
-
-    def file(name: str) -> Path | None:  # name: data/mnist
-        return next((root / f"{name}.yaml" for root in roots if (root / f"{name}.yaml").is_file()), None)
-
-    def read(path: Path) -> tuple[str, dict]:
-        text = path.read_text()
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError:  # Hydra read it, so this is unlikely; then the file is not searched
-            doc = None
-        return text, doc if isinstance(doc, dict) else {}
-
-    option = f"{group}/{runtime.choices.get(group)}"
-    files, names = [], [option]
-    while names:  # the option's own file, then the files its defaults list extends
-        name = names.pop(0)
-        path = file(name)
-        if path is None or path in files:
-            continue
-        files.append(path)
-        doc = read(path)[1]
-        if key in doc:
-            return f"in {path}"
-        for entry in doc.get("defaults") or []:
-            if isinstance(entry, str) and entry != "_self_":  # not a group's choice (a mapping)
-                extended = entry.removeprefix("optional ").split("@")[0].strip()
-                names.append(extended[1:] if extended.startswith("/") else f"{name.rpartition('/')[0]}/{extended}")
-    for other, choice in runtime.choices.items():
-        path = file(f"{other}/{choice}") if choice and other != group and not other.startswith("hydra") else None
-        text, doc = read(path) if path else ("", {})
-        node = doc.get(group) if text.startswith("# @package _global_") else None  # an overlay: experiment=...
-        if isinstance(node, dict) and key in node:
-            return f"in {path}"
-    return f"in {files[0]}" if files else f"in the option {option}"

@@ -16,8 +16,9 @@ if TYPE_CHECKING:  # the fingerprints are taken in a training run, which has imp
     from hsci.parts.datasets import Data
 
 # Keys that do not change the experiment: where the data lies and how it is fed, on which devices and how fast, how
-# often the loop reports, the run's name and seed. Two runs that differ in these only are replicates of one config.
-NOT_EXPERIMENT = ("seed", "name", "resume", "data.root", "data.download", "data.num_workers", "data.loader",
+# often the loop reports, the run's name, tags and seed. Two runs that differ in these only are replicates of one
+# config.
+NOT_EXPERIMENT = ("seed", "name", "tags", "resume", "data.root", "data.download", "data.num_workers", "data.loader",
                   "trainer.device", "trainer.devices", "trainer.log_every", "trainer.channels_last", "trainer.compile",
                   "trainer.deterministic", "trainer.dist_timeout_s")
 
@@ -39,8 +40,9 @@ def flatten(config: dict, prefix: str = "") -> dict:
 
 
 def experiment(config: dict) -> dict:
-    """The config's keys that define the experiment, flattened: all but NOT_EXPERIMENT."""
-    return {k: v for k, v in flatten(config).items() if k not in NOT_EXPERIMENT}
+    """The config's keys that define the experiment, flattened: all but NOT_EXPERIMENT and the loggers' (where a
+    run is watched from is not what it is)."""
+    return {k: v for k, v in flatten(config).items() if k not in NOT_EXPERIMENT and k.split(".")[0] != "logger"}
 
 
 def comparable(config: dict, data: Data) -> dict:

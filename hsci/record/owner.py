@@ -160,14 +160,19 @@ def holds_record(folder: Path) -> bool:
 
 def find_run(name: str, key: str, needs: str = ".hydra/config.yaml", skip_owned: bool = False) -> Path:
     """The run directory that `key=name` names: a path (`~` expanded) or `latest`, the most recently started
-    or resumed run under ./outputs that holds `needs` (and, with `skip_owned`, that no process owns)."""
+    or resumed run under ./outputs that holds `needs` (and, with `skip_owned`, that no process owns), which the
+    console names."""
     if name == "latest":
         runs = [p.parent.parent for p in Path("outputs").glob("**/.hydra/config.yaml")
                 if (p.parent.parent / needs).exists() and not (skip_owned and owner(p.parent.parent))]
         if not runs:
             raise UserError(f"{key}=latest: no run under {Path('outputs').resolve()}"
                             f"{' that is not in use' if skip_owned else ''} holds {needs}; pass {key}=<run dir>")
-        return max(runs, key=lambda run: (run / ".hydra" / "config.yaml").stat().st_mtime).resolve()
+        from hsci import report
+
+        latest = max(runs, key=lambda run: (run / ".hydra" / "config.yaml").stat().st_mtime).resolve()
+        report.say(f"{key}=latest: {latest}")
+        return latest
     run = Path(name).expanduser().resolve()
     if not (run / ".hydra" / "config.yaml").is_file():
         raise UserError(f"{key}={name}: {run} is not a run directory (it holds no hsci run: no .hydra/config.yaml); "
@@ -266,7 +271,8 @@ def job_dir(subdir: str) -> str:
 def _check(config: DictConfig, swept: tuple[str, ...] = ()) -> None:
     """Values that compose but cannot train, and keys no builder takes, are refused before the run directory
     exists; the cheap checks first."""
-    from hsci.parts.schema import check_keys, check_values
+    from hsci.parts.keys import check_keys
+    from hsci.parts.schema import check_values
 
     task = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])  # hydra's keys resolve late
     try:

@@ -23,6 +23,7 @@ from torch import nn
 
 from hsci import UserError
 from hsci.parts import schema
+from hsci.parts.keys import nearest
 from hsci.record import signing
 
 
@@ -80,6 +81,11 @@ def load_config(run_dir: Path, changes: list[str], allowed: tuple[str, ...], ver
             if not change.key_or_group.startswith(allowed) or change.is_sweep_override():
                 raise UserError(f"{verb}: {change.input_line} would change the experiment; {verb} may change only "
                                 f"{', '.join(a + ('*' if a.endswith('.') else '') for a in allowed)}")
+            near = nearest(cfg, change.key_or_group) if OmegaConf.select(
+                cfg, change.key_or_group, default="absent", throw_on_missing=False) == "absent" else None
+            if near:
+                raise UserError(f"{verb}: {change.input_line}: the run's config has no {change.key_or_group}: did you "
+                                f"mean {near}?")
             OmegaConf.update(cfg, change.key_or_group, change.value(), merge=False)
     except (OmegaConfBaseException, ValueError) as e:
         raise UserError(f"{verb}: {' '.join(changes)}: {str(e).splitlines()[0]}") from e
