@@ -1,4 +1,4 @@
-"""The loop's controls, through the real CLI: gradient accumulation is one step on the whole batch (one process and
+"""The loop's pace, through the real CLI: gradient accumulation is one step on the whole batch (one process and
 two), validation within and every few epochs, max_time, min_epochs, fractional and per-stage batch limits,
 overfitting a few batches; each resumes exactly, and nonsense values are refused before any work."""
 

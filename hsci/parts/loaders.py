@@ -70,13 +70,14 @@ class DeviceLoader:
     The training loader gives the same stream on every device, in the order `EpochSampler` gives (by
     position: an interrupted epoch resumes exactly), and the same distribution of augmented images as
     `CropFlip` per sample. With several ranks, each takes its `share` of every training batch; an evaluation
-    split is given already cut to the rank's part."""
+    split is given already cut to the rank's part. Not `train`, the batches come in order, as they are (an
+    evaluation split's, or trainer.overfit_batches' training batches)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, *, train: bool, seed: int,
-                 rank: int = 0, ranks: int = 1, drop_last: bool = False, shuffle: bool = True):
+                 rank: int = 0, ranks: int = 1, drop_last: bool = False):
         self.x, self.y = dataset.x.to(device), dataset.y.to(device)
         self.augment = dataset.augment if train else None
-        self.batch_size, self.train, self.seed, self.device, self.shuffle = batch_size, train, seed, device, shuffle
+        self.batch_size, self.train, self.seed, self.device = batch_size, train, seed, device
         self.rank, self.ranks = rank, ranks
         self.drop_last = train and drop_last
         self.epoch, self.start = 1, 0
@@ -91,7 +92,7 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.x)
         order, offsets, flips = torch.arange(n, device=self.device), None, None
-        if self.train and self.shuffle:  # drawn on the CPU (a millisecond for 50,000 images): CUDA's draws differ
+        if self.train:  # drawn on the CPU (a millisecond for 50,000 images): CUDA's generator draws other numbers
             g = epoch_generator(self.seed, self.epoch, torch.device("cpu"))
             order = torch.randperm(n, generator=g).to(self.device)
             if self.augment:
@@ -132,8 +133,8 @@ def train_loader(dataset: Dataset, loading: Loading, device: torch.device, seed:
     in the split's order every epoch."""
     drop_last = drops(len(dataset), loading.batch_size, loading.drop_last, world.size)
     if kind == "gpu":
-        return DeviceLoader(dataset, loading.batch_size, device, train=True, seed=seed, rank=world.rank,
-                            ranks=world.size, drop_last=drop_last, shuffle=shuffle)
+        return DeviceLoader(dataset, loading.batch_size, device, train=shuffle, seed=seed, rank=world.rank,
+                            ranks=world.size, drop_last=drop_last)
     batches = EpochSampler(len(dataset), loading.batch_size, drop_last, seed,
                            getattr(dataset, "augment", None) is not None, world.rank, world.size, shuffle)
     return _data_loader(dataset, batches, loading, device, seed)
