@@ -90,8 +90,13 @@ def compare(cfg, n_batches: int, rounds: int) -> dict:
                 seconds[name]["cpu"].append(time.process_time() - cpu)
                 seconds[name]["wall"].append(time.perf_counter() - wall)
     report.console.quiet = False
-    if logged:
-        log.close()
+    if logged:  # what a reading costs the logger alone, on the CPU clock (its writer thread included)
+        reading = {"step": 0, "epoch": 1, "train_loss": 0.5, "lr": 1e-3, "img_per_s": 1e3, "grad_norm": 1.0}
+        cpu = time.process_time()
+        for step in range(1000):
+            log.reading(reading | {"step": optim.sched.last_epoch + step + 1})
+        log.close()  # writes what is queued
+        reading_us = (time.process_time() - cpu) * 1e3
     result = {"device": str(p.device), "precision": p.speed.precision, "threads": torch.get_num_threads(),
               "batch": cfg.data.batch_size, "input": "x".join(map(str, p.data.input_shape)),
               "batches/epoch": len(batches), "rounds": rounds,
@@ -100,6 +105,8 @@ def compare(cfg, n_batches: int, rounds: int) -> dict:
     images = len(batches) * cfg.data.batch_size
     if logged:
         result["logger"] = logged
+        result["logger CPU us/reading"] = round(reading_us)
+        result["hsci CPU ms/step"] = round(1e3 * statistics.median(seconds["hsci"]["cpu"]) / len(batches), 1)
     pairs = [("hsci", "bare")] + ([("logger", "bare"), ("logger", "hsci")] if logged else [])
     for clock in ("cpu", "wall"):
         for name in sides:

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from conftest import hsci, job_folder, summary_of
+from hsci import config_dir
 from hsci.parts.annotated import fits, named
 from hsci.record.comparable import experiment
 
@@ -170,7 +171,8 @@ def test_from_a_run_saved_before_changes_what_the_command_line_changes(tmp_path)
     assert config["optimizer"] == saved["optimizer"] | {"lr": 0.5}
     assert config["data"] == saved["data"] and config["name"] == saved["name"] == "digits_mlp"
     assert config["model"]["_target_"] == "hsci.models.cnn" and config["model"]["hidden"] == 128  # the option's own
-    assert config["trainer"] == saved["trainer"] and config["tags"] == []
+    defaults = yaml.safe_load((config_dir() / "trainer" / "default.yaml").read_text())
+    assert config["trainer"] == defaults | saved["trainer"] and config["tags"] == []  # keys since then: defaults
     regression = yaml.safe_load(hsci("train", f"from={old}", "data=diabetes", "--cfg", "job", cwd=tmp_path).stdout)
     assert regression["loss"]["_target_"] == "torch.nn.MSELoss"  # chosen by data=diabetes, as on a fresh run
     smoke = yaml.safe_load(hsci("train", f"from={old}", "experiment=smoke", "--cfg", "job", cwd=tmp_path).stdout)
